@@ -1,0 +1,31 @@
+"""The raw codec: the tensor's bytes as they are (lossless, no CPU work beyond one copy)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvtier.errors import CorruptObjectError
+
+
+class RawCodec:
+    """Payload = the contiguous little-endian bytes of the canonical tensor."""
+
+    name = "raw"
+    codec_id = 1
+
+    def encode(self, kv: torch.Tensor) -> memoryview:
+        """The tensor's bytes; a view when the tensor is already contiguous on the CPU."""
+        flat = kv.detach().cpu().contiguous().reshape(-1)
+        return memoryview(flat.view(torch.uint8).numpy())
+
+    def decode(self, payload: bytearray | memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor sharing memory with `payload` (which must be writable and stay alive)."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        expected = math.prod(shape) * elem
+        if len(payload) != expected:
+            raise CorruptObjectError(f"raw payload is {len(payload)} bytes, shape {shape} needs {expected}")
+        if expected == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(payload, dtype=torch.uint8).view(dtype).view(shape)

@@ -1,0 +1,158 @@
+"""Config: one frozen dataclass tree, validated on construction.
+
+`Config.load()` reads, in increasing precedence: defaults, an upstream LMCache YAML file
+(`LMCACHE_CONFIG_FILE`), `LMCACHE_*` variables, a kvtier YAML file (`KVTIER_CONFIG`) and `KVTIER_*`
+variables. Loading lives in `config_load.py`; this module owns the fields and their validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtier.errors import ConfigError
+from kvtier.units import GiB
+
+HASHES = ("blake3", "sha256", "xxh128")
+POLICIES = ("lru", "lfu", "fifo", "mru")
+CODECS = ("raw",)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _size(default: int, doc: str) -> Any:
+    return field(default=default, metadata={"kind": "size", "doc": doc})
+
+
+def _opt(kind: str, default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"kind": kind, "doc": doc})
+
+
+def closest(word: str, choices: Iterable[str]) -> str:
+    """Return " (did you mean 'x'?)" for the closest choice, or "" when none is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{key}: {value!r} is not one of {', '.join(choices)}{closest(str(value), choices)}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class L1Config:
+    """The CPU memory tier."""
+
+    size: int = _size(4 * GiB, "bytes of KV held in CPU memory; 0 disables the tier")
+    policy: str = _opt("str", "lru", "eviction policy: lru, lfu, fifo or mru")
+
+    def __post_init__(self) -> None:
+        _check_choice("l1.policy", self.policy, POLICIES)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskConfig:
+    """The local disk tier; it survives restarts."""
+
+    path: str | None = _opt("optstr", None, "directory of the disk tier; unset disables it")
+    size: int = _size(16 * GiB, "bytes of KV kept on disk before eviction")
+    policy: str = _opt("str", "lru", "eviction policy: lru, lfu, fifo or mru")
+    fsync: bool = _opt("bool", False, "fsync each object before it becomes visible (slower)")
+
+    def __post_init__(self) -> None:
+        _check_choice("disk.policy", self.policy, POLICIES)
+        if self.path is not None and not self.path.strip():
+            raise ConfigError("disk.path: empty path; leave it unset to disable the disk tier")
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    """The remote (L3) tier, selected by URL (redis://, s3://, fs://, kvtier://)."""
+
+    url: str | None = _opt("optstr", None, "remote tier URL; unset disables it")
+    codec: str = _opt("str", "raw", "codec of objects written to the remote tier")
+
+    def __post_init__(self) -> None:
+        _check_choice("remote.codec", self.codec, CODECS)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything a CacheEngine needs to know besides the model and its KV layout."""
+
+    chunk_size: int = _opt("int", 256, "tokens per chunk (a multiple of the engine's block size)")
+    hash: str = _opt("str", "blake3", "chunk hash: blake3, sha256 or xxh128")
+    save_partial_chunks: bool = _opt("bool", True, "also store a trailing chunk shorter than chunk_size")
+    codec: str = _opt("str", "raw", "codec of objects written to the disk tier")
+    tenant: str = _opt("str", "", "salt mixed into every key; tenants never share KV")
+    write_queue: int = _opt("int", 256, "pending lower-tier writes (chunks) before the oldest is dropped")
+    log_level: str = _opt("str", "warning", "logging level of the kvtier logger")
+    l1: L1Config = field(default_factory=L1Config)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk_size <= 1 << 20:
+            raise ConfigError(f"chunk_size: {self.chunk_size} is not between 1 and 1048576 tokens")
+        _check_choice("hash", self.hash, HASHES)
+        _check_choice("codec", self.codec, CODECS)
+        _check_choice("log_level", self.log_level, LOG_LEVELS)
+        if self.write_queue < 1:
+            raise ConfigError(f"write_queue: {self.write_queue} must be at least 1")
+
+    @classmethod
+    def load(cls, path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+        """Build a Config from YAML files and environment variables (see module docstring)."""
+        from kvtier.config_load import load
+
+        return load(path, env)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "dict") -> Config:
+        """Build a Config from a nested mapping like the YAML file; unknown keys are errors."""
+        from kvtier.config_load import build
+
+        return build([(source, False, flatten(data, source))])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as a nested dict, the shape of the YAML file."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a copy with top-level fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+SECTIONS: dict[str, type] = {"l1": L1Config, "disk": DiskConfig, "remote": RemoteConfig}
+
+
+def leaf_fields() -> dict[str, dataclasses.Field[Any]]:
+    """Map every dotted key ("chunk_size", "l1.size", ...) to its dataclass field."""
+    out: dict[str, dataclasses.Field[Any]] = {}
+    for f in dataclasses.fields(Config):
+        if f.name in SECTIONS:
+            for sub in dataclasses.fields(SECTIONS[f.name]):
+                out[f"{f.name}.{sub.name}"] = sub
+        else:
+            out[f.name] = f
+    return out
+
+
+def flatten(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Flatten {"l1": {"size": x}} into {"l1.size": x}; reject unknown keys."""
+    keys = leaf_fields()
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in SECTIONS and isinstance(value, Mapping):
+            for sub, subvalue in value.items():
+                out[f"{name}.{sub}"] = subvalue
+        else:
+            out[str(name)] = value
+    for key in out:
+        if key not in keys:
+            raise ConfigError(f"unknown key '{key}' in {source}{closest(key, keys)}")
+    return out

@@ -1,0 +1,222 @@
+"""CacheEngine: lookup / store / retrieve / prefetch of KV over token sequences.
+
+The engine owns the chunking and keys (keys.py), the tiers (storage/) and the layout checks; it
+knows nothing about serving engines. Adapters use `store_chunks` and `retrieve_into` to move KV
+between an engine's own memory and chunk tensors without an intermediate full-size copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import xxhash
+
+from kvtier.codec import get_codec
+from kvtier.config import Config
+from kvtier.errors import ConfigError, LayoutError
+from kvtier.keys import Chunk, ChunkHasher, make_namespace, token_bytes
+from kvtier.layout import KVLayout
+from kvtier.logutil import setup_logging
+from kvtier.storage.base import Tier
+from kvtier.storage.chain import TierChain
+from kvtier.storage.cpu import CPUTier
+from kvtier.storage.disk import DiskTier
+from kvtier.units import format_size
+
+log = logging.getLogger("kvtier.engine")
+Gather = Callable[[int, int], torch.Tensor]  # (start, end) -> a fresh canonical tensor of those tokens
+Scatter = Callable[[int, int, torch.Tensor], None]  # (start, end, canonical tensor) -> None
+_MEMO_SIZE = 32  # token sequences whose chunk keys are remembered (lookup, retrieve, store of one prompt)
+
+
+class CacheEngine:
+    """Stores and reuses the KV cache of token sequences for one model and KV layout."""
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        layout: KVLayout | None = None,
+        model_id: str = "default",
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        chain: TierChain | None = None,
+    ) -> None:
+        if layout is None:
+            raise LayoutError("CacheEngine needs the model's KVLayout")
+        self.config = config or Config()
+        self.layout = layout
+        self.model_id = model_id
+        setup_logging(self.config.log_level)
+        namespace = make_namespace(
+            model_id, layout.fingerprint, rank=rank, world_size=world_size, codec=self.config.codec,
+            tenant=self.config.tenant, hash_name=self.config.hash,
+        )  # fmt: skip
+        self.hasher = ChunkHasher(
+            self.config.chunk_size, namespace, self.config.hash, self.config.save_partial_chunks
+        )
+        self.chain = chain if chain is not None else build_chain(self.config, layout)
+        self._memo: OrderedDict[tuple[int, bytes], list[Chunk]] = OrderedDict()
+        self._memo_lock = threading.Lock()
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-prefetch")
+        self._closed = False
+
+    # --- keys --------------------------------------------------------------------------------------
+
+    def chunks(self, tokens: Any, start: int = 0) -> list[Chunk]:
+        """The chunks of `tokens` from token `start` (a multiple of the chunk size) on."""
+        data = token_bytes(tokens)
+        memo_key = (start, xxhash.xxh3_128_digest(data))
+        with self._memo_lock:
+            hit = self._memo.get(memo_key)
+            if hit is not None:
+                self._memo.move_to_end(memo_key)
+                return hit
+        chunks = self.hasher.chunks_of_bytes(data, start)
+        with self._memo_lock:
+            self._memo[memo_key] = chunks
+            if len(self._memo) > _MEMO_SIZE:
+                self._memo.popitem(last=False)
+        return chunks
+
+    # --- the public API ----------------------------------------------------------------------------
+
+    def lookup(self, tokens: Any) -> int:
+        """How many leading tokens of `tokens` are available in some tier."""
+        chunks = self.chunks(tokens)
+        n = self.chain.lookup([c.key for c in chunks])
+        return chunks[n - 1].end if n else 0
+
+    def store(self, tokens: Any, kv: torch.Tensor, start: int = 0) -> int:
+        """Store `kv`, the canonical KV of tokens[start:start + kv.shape[2]]; return tokens newly stored.
+
+        `start` must be a multiple of the chunk size. L1 is written now; lower tiers asynchronously.
+        """
+        self.layout.check(kv)
+        end = start + kv.shape[2]
+        if end > len(tokens):
+            raise LayoutError(f"KV covers tokens [{start}, {end}) but only {len(tokens)} tokens were given")
+
+        def gather(lo: int, hi: int) -> torch.Tensor:
+            out = torch.empty(self.layout.shape(hi - lo), dtype=kv.dtype)
+            return out.copy_(kv[:, :, lo - start : hi - start])
+
+        return self.store_chunks(tokens, gather, start, end)
+
+    def store_chunks(self, tokens: Any, gather: Gather, start: int = 0, end: int | None = None) -> int:
+        """Store chunks of tokens[start:end] whose KV `gather(lo, hi)` returns (a fresh CPU tensor).
+
+        Chunks already in L1 are skipped without calling `gather`. Returns tokens newly stored.
+        """
+        end = len(tokens) if end is None else end
+        chunks = self.chunks(tokens if end == len(tokens) else tokens[:end], start)
+        l1 = self.chain.l1
+        stored = 0
+        for chunk in chunks:
+            if l1 is not None and l1.contains(chunk.key):
+                continue
+            kv = gather(chunk.start, chunk.end)
+            self.layout.check(kv, chunk.num_tokens)
+            self.chain.store(chunk.key, kv)
+            stored += chunk.num_tokens
+        return stored
+
+    def retrieve(self, tokens: Any, max_tokens: int | None = None) -> torch.Tensor:
+        """Canonical KV of the longest cached prefix of `tokens` (possibly 0 tokens), on the CPU."""
+        chunks = self.chunks(tokens)
+        parts: list[tuple[int, int, torch.Tensor]] = []
+        n = self.retrieve_into(tokens, lambda lo, hi, kv: parts.append((lo, hi, kv)), max_tokens, chunks)
+        out = self.layout.empty(n)
+        for lo, hi, kv in parts:
+            out[:, :, lo:hi].copy_(kv)
+        return out
+
+    def retrieve_into(
+        self, tokens: Any, scatter: Scatter, max_tokens: int | None = None, chunks: list[Chunk] | None = None
+    ) -> int:
+        """Call `scatter(lo, hi, kv)` for each chunk of the longest cached prefix; return its length.
+
+        `kv` belongs to the cache: copy from it inside `scatter`, never keep or modify it.
+        At most `max_tokens` tokens are delivered (the last chunk is cut to fit).
+        """
+        chunks = self.chunks(tokens) if chunks is None else chunks
+        limit = len(chunks) if max_tokens is None else sum(1 for c in chunks if c.start < max_tokens)
+        delivered = 0
+        with self.chain.fetch([c.key for c in chunks[:limit]]) as tensors:
+            for chunk, kv in zip(chunks, tensors):
+                hi = chunk.end if max_tokens is None else min(chunk.end, max_tokens)
+                scatter(chunk.start, hi, kv if hi == chunk.end else kv[:, :, : hi - chunk.start])
+                delivered = hi
+        return delivered
+
+    def prefetch(self, tokens: Any) -> Future[int]:
+        """Start loading the cached prefix of `tokens` from lower tiers into L1; the future gives its length."""
+        chunks = self.chunks(tokens)
+        keys = [c.key for c in chunks]
+
+        def run() -> int:
+            n = self.chain.promote(keys)
+            return chunks[n - 1].end if n else 0
+
+        future = self._prefetcher.submit(run)
+        future.add_done_callback(_log_failure)
+        return future
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every pending store reached every tier; False on timeout."""
+        return self.chain.flush(timeout)
+
+    def close(self) -> None:
+        """Finish pending stores and release the tiers."""
+        if self._closed:
+            return
+        self._closed = True
+        self._prefetcher.shutdown(wait=True)
+        self.chain.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of every tier and writer."""
+        return self.chain.stats()
+
+    def __enter__(self) -> CacheEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _log_failure(future: Future[Any]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("prefetch failed: %r", exc)
+
+
+def build_chain(config: Config, layout: KVLayout) -> TierChain:
+    """The tiers the config asks for: L1 if its size is positive, L2 if a disk path is set."""
+    chunk_bytes = layout.bytes_per_token * config.chunk_size
+    l1 = None
+    if config.l1.size:
+        _check_budget("l1.size", config.l1.size, chunk_bytes)
+        l1 = CPUTier(config.l1.size, config.l1.policy)
+    lower: list[Tier] = []
+    if config.disk.path:
+        _check_budget("disk.size", config.disk.size, chunk_bytes)
+        codec = get_codec(config.codec)
+        lower.append(DiskTier(config.disk.path, config.disk.size, layout, codec, config.disk.policy, config.disk.fsync))
+    if config.remote.url:
+        raise ConfigError(f"remote.url: remote tiers are not available in this version ({config.remote.url})")
+    return TierChain(l1, lower, config.write_queue)
+
+
+def _check_budget(key: str, budget: int, chunk_bytes: int) -> None:
+    if budget < chunk_bytes:
+        raise ConfigError(
+            f"{key}: {format_size(budget)} cannot hold one chunk ({format_size(chunk_bytes)} for this "
+            "model's layout and chunk size); raise it or lower chunk_size"
+        )

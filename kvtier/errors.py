@@ -1,0 +1,31 @@
+"""The few exception types kvtier raises.
+
+A cache miss is never an exception: lookups return 0 and retrieves return an empty tensor.
+Exceptions are for programming and configuration errors the caller must fix.
+"""
+
+from __future__ import annotations
+
+
+class KVTierError(Exception):
+    """Base class of every kvtier error."""
+
+
+class ConfigError(KVTierError, ValueError):
+    """A configuration key is unknown or its value is invalid."""
+
+
+class LayoutError(KVTierError, ValueError):
+    """A KV tensor does not match the layout it is stored or read under."""
+
+
+class TokenError(KVTierError, ValueError):
+    """Token ids are malformed (wrong type, negative, or too large)."""
+
+
+class CorruptObjectError(KVTierError):
+    """A stored object failed validation (bad magic, header, length or checksum)."""
+
+
+class TierError(KVTierError):
+    """A storage tier could not complete an operation (I/O error, full disk, server down)."""

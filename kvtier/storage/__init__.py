@@ -1,0 +1,1 @@
+"""Storage tiers (L1 CPU memory, L2 disk, remote tiers) and the chain that layers them."""

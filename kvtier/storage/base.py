@@ -1,0 +1,72 @@
+"""The Tier protocol every storage backend implements, and its counters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+
+from kvtier.keys import ChunkKey
+
+
+@dataclass(slots=True)
+class TierStats:
+    """Counters of one tier (monotonic, except the two gauges at the end)."""
+
+    hits: int = 0  # get() calls that returned a tensor
+    misses: int = 0  # get() calls that returned None (absent, corrupt or failed)
+    puts: int = 0  # objects written
+    put_failures: int = 0  # writes refused or failed (no room, I/O error)
+    evictions: int = 0  # objects removed to make room
+    corrupt: int = 0  # objects that failed validation and were deleted
+    errors: int = 0  # I/O or backend errors, each degraded to a miss or a failed put
+    objects: int = 0  # gauge: objects held now
+    bytes: int = 0  # gauge: bytes held now
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Tier(Protocol):
+    """A key -> canonical chunk tensor store. A miss or a failure returns None or False, never raises."""
+
+    name: str
+    stats: TierStats
+
+    def contains(self, key: ChunkKey) -> bool:
+        """Whether the tier (probably) holds `key`; a later get() may still miss."""
+        ...
+
+    def prefix_len(self, keys: Sequence[ChunkKey]) -> int:
+        """How many leading `keys` the tier holds (one round trip where the backend allows)."""
+        ...
+
+    def get(self, key: ChunkKey) -> torch.Tensor | None:
+        """The validated tensor stored under `key`, or None."""
+        ...
+
+    def put(self, key: ChunkKey, kv: torch.Tensor) -> bool:
+        """Store `kv` (which the tier may keep; callers never modify it afterwards). True if held."""
+        ...
+
+    def delete(self, key: ChunkKey) -> bool:
+        """Remove `key`; True if it was there."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; the tier is unusable afterwards."""
+        ...
+
+    def check(self) -> None:
+        """Assert the tier's internal invariants (used by tests after every mutation)."""
+        ...
+
+
+def leading_present(tier: Tier, keys: Sequence[ChunkKey]) -> int:
+    """Default prefix_len: contains() key by key until the first miss."""
+    for i, key in enumerate(keys):
+        if not tier.contains(key):
+            return i
+    return len(keys)

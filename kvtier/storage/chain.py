@@ -1,0 +1,136 @@
+"""The tier chain: longest cached prefix across tiers, async stores to lower tiers, promotion to L1.
+
+L1 (CPU memory) is written synchronously; every lower tier gets its own AsyncWriter. A read finds,
+for each leading key, the first tier that holds it, fetches lower-tier chunks and promotes them
+into L1. A lower tier that raises is treated as a miss for that call, logged and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from kvtier.keys import ChunkKey
+from kvtier.logutil import BurstLog
+from kvtier.storage.base import Tier
+from kvtier.storage.cpu import CPUTier
+from kvtier.storage.writer import AsyncWriter, WriteJob
+
+log = logging.getLogger("kvtier.storage.chain")
+Segment = tuple[Tier, int, int]  # tier, first key index, end key index
+
+
+class TierChain:
+    """L1 (optional) followed by lower tiers, searched in that order."""
+
+    def __init__(self, l1: CPUTier | None, lower: Sequence[Tier] = (), max_pending: int = 256) -> None:
+        self.l1 = l1
+        self.lower = list(lower)
+        self.tiers: list[Tier] = ([l1] if l1 is not None else []) + self.lower
+        self.writers = [AsyncWriter(tier, max_pending) for tier in self.lower]
+        self._burst = BurstLog(log)
+
+    def locate(self, keys: Sequence[ChunkKey]) -> list[Segment]:
+        """Split the longest available prefix of `keys` into runs held by one tier each."""
+        segments: list[Segment] = []
+        n = 0
+        while n < len(keys):
+            for tier in self.tiers:
+                k = self._prefix_len(tier, keys[n:])
+                if k:
+                    segments.append((tier, n, n + k))
+                    n += k
+                    break
+            else:
+                break
+        return segments
+
+    def lookup(self, keys: Sequence[ChunkKey]) -> int:
+        """Number of leading keys available in some tier."""
+        segments = self.locate(keys)
+        return segments[-1][2] if segments else 0
+
+    @contextlib.contextmanager
+    def fetch(self, keys: Sequence[ChunkKey]) -> Iterator[list[torch.Tensor]]:
+        """Yield the tensors of the longest retrievable prefix of `keys`, pinned in L1 meanwhile.
+
+        The tensors are the tiers' own: read them, never modify them, and drop them after the block.
+        """
+        segments = self.locate(keys)
+        end = segments[-1][2] if segments else 0
+        pins = self.l1.pinned(keys[:end]) if self.l1 is not None else contextlib.nullcontext()
+        with pins:
+            tensors: list[torch.Tensor] = []
+            for tier, start, stop in segments:
+                got = self._get_run(tier, keys[start:stop])
+                tensors.extend(got)
+                if len(got) < stop - start:
+                    break  # a chunk vanished or was corrupt: the prefix ends here
+            yield tensors
+
+    def _get_run(self, tier: Tier, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for key in keys:
+            kv = self._get(tier, key)
+            if kv is None:
+                break
+            if tier is not self.l1 and self.l1 is not None:
+                self.l1.put(key, kv)  # promotion; refused only when L1 is full of pinned chunks
+            out.append(kv)
+        return out
+
+    def promote(self, keys: Sequence[ChunkKey]) -> int:
+        """Load lower-tier chunks of the available prefix into L1; return the prefix length in keys."""
+        with self.fetch(keys) as tensors:
+            return len(tensors)
+
+    def store(self, key: ChunkKey, kv: torch.Tensor) -> list[WriteJob]:
+        """Put `kv` (owned by the chain from now on) into L1 now and queue it for lower tiers."""
+        if self.l1 is not None:
+            self.l1.put(key, kv)
+        return [writer.submit(key, kv) for writer in self.writers]
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for every pending lower-tier write; False if `timeout` seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ok = True
+        for writer in self.writers:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ok = writer.flush(left) and ok
+        return ok
+
+    def close(self) -> None:
+        """Finish pending writes and close every tier."""
+        for writer in self.writers:
+            writer.close()
+        for tier in self.tiers:
+            tier.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of every tier and writer."""
+        out: dict[str, Any] = {tier.name: tier.stats.as_dict() for tier in self.tiers}
+        for writer in self.writers:
+            out[f"{writer.tier.name}_writes"] = asdict(writer.stats) | {"pending": writer.pending}
+        return out
+
+    def _prefix_len(self, tier: Tier, keys: Sequence[ChunkKey]) -> int:
+        try:
+            return tier.prefix_len(keys)
+        except Exception as exc:  # a broken tier degrades to a miss; the request goes on
+            tier.stats.errors += 1
+            self._burst.warning(tier.name, "%s: lookup failed, treating as a miss: %r", tier.name, exc)
+            return 0
+
+    def _get(self, tier: Tier, key: ChunkKey) -> torch.Tensor | None:
+        try:
+            return tier.get(key)
+        except Exception as exc:  # a broken tier degrades to a miss; the request goes on
+            tier.stats.errors += 1
+            self._burst.warning(tier.name, "%s: get failed, treating as a miss: %r", tier.name, exc)
+            return None

@@ -1,0 +1,318 @@
+"""L2: chunk objects as files in a local directory; survives restarts, shareable between processes.
+
+Layout: `<root>/<namespace hex>/<digest hex[:2]>/<digest hex>.kv`, each file a framed object
+(header + payload, see codec/framing.py). Writes go to a unique temporary file that is renamed into
+place, so readers never see a partial object, even with several processes on one directory. Each
+process keeps its own index (rebuilt by scanning at start, and extended when it finds a file another
+process wrote) and evicts to its own byte budget.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from kvtier.codec import Codec
+from kvtier.codec.framing import HEADER_SIZE, check_header, check_payload, encode_object, parse_header
+from kvtier.errors import ConfigError, CorruptObjectError
+from kvtier.keys import DIGEST_BYTES, ChunkKey
+from kvtier.layout import KVLayout
+from kvtier.logutil import BurstLog
+from kvtier.storage.base import TierStats
+from kvtier.storage.policy import make_policy
+
+log = logging.getLogger("kvtier.storage.disk")
+SUFFIX = ".kv"
+STALE_TMP_SECONDS = 3600.0  # a temporary file this old belongs to a writer that died
+
+
+class DiskTier:
+    """Framed chunk objects in files under `root`, at most `capacity` bytes known to this process."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        capacity: int,
+        layout: KVLayout,
+        codec: Codec,
+        policy: str = "lru",
+        fsync: bool = False,
+        name: str = "l2",
+    ) -> None:
+        self.name = name
+        self.root = Path(root).expanduser()
+        self.capacity = capacity
+        self.layout = layout
+        self.codec = codec
+        self.fsync = fsync
+        self.stats = TierStats()
+        self._policy = make_policy(policy)
+        self._sizes: dict[ChunkKey, int] = {}
+        self._reserved = 0
+        self._lock = threading.RLock()
+        self._burst = BurstLog(log)
+        _ensure_writable(self.root)
+        self._scan()
+
+    # --- paths and index -------------------------------------------------------------------------
+
+    def path(self, key: ChunkKey) -> Path:
+        """The file that holds `key`."""
+        digest = key.digest.hex()
+        return self.root / key.namespace.hex() / digest[:2] / f"{digest}{SUFFIX}"
+
+    def _scan(self) -> None:
+        """Index the objects already in the directory, oldest first, and drop stale temp files."""
+        found: list[tuple[float, ChunkKey, int]] = []
+        now = time.time()
+        for ns_dir in _subdirs(self.root):
+            for shard in _subdirs(ns_dir):
+                for entry in os.scandir(shard):
+                    if entry.name.endswith(".tmp"):
+                        _remove_stale(entry, now)
+                        continue
+                    key = _parse_name(ns_dir.name, entry.name)
+                    if key is not None and entry.is_file():
+                        st = entry.stat()
+                        found.append((st.st_mtime, key, st.st_size))
+        found.sort(key=lambda item: item[0])
+        with self._lock:
+            for _, key, size in found:
+                self._index(key, size)
+            self._make_room(0)
+        if found:
+            log.info("%s: found %d objects (%d bytes) in %s", self.name, len(found), self.stats.bytes, self.root)
+
+    def _index(self, key: ChunkKey, size: int) -> None:
+        self._sizes[key] = size
+        self._policy.insert(key)
+        self.stats.bytes += size
+        self.stats.objects += 1
+
+    def _unindex(self, key: ChunkKey) -> None:
+        size = self._sizes.pop(key, None)
+        if size is not None:
+            self._policy.remove(key)
+            self.stats.bytes -= size
+            self.stats.objects -= 1
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Evict until `nbytes` more fit in the budget (under the lock)."""
+        if nbytes > self.capacity:
+            return False
+        while self.stats.bytes + self._reserved + nbytes > self.capacity:
+            victim = next(iter(self._policy.victims()), None)
+            if victim is None:
+                return False
+            self._unindex(victim)  # type: ignore[arg-type]
+            _unlink(self.path(victim))  # type: ignore[arg-type]
+            self.stats.evictions += 1
+        return True
+
+    def _adopt(self, key: ChunkKey) -> bool:
+        """Index a file another process wrote; False if there is none."""
+        try:
+            size = self.path(key).stat().st_size
+        except OSError:
+            return False
+        with self._lock:
+            if key not in self._sizes and self._make_room(size):
+                self._index(key, size)
+        return key in self._sizes
+
+    # --- the Tier protocol -----------------------------------------------------------------------
+
+    def contains(self, key: ChunkKey) -> bool:
+        return key in self._sizes or self._adopt(key)
+
+    def prefix_len(self, keys: Sequence[ChunkKey]) -> int:
+        for i, key in enumerate(keys):
+            if not self.contains(key):
+                return i
+        return len(keys)
+
+    def get(self, key: ChunkKey) -> torch.Tensor | None:
+        path = self.path(key)
+        try:
+            kv = self._read(path, key)
+        except FileNotFoundError:
+            with self._lock:
+                self._unindex(key)  # evicted by another process sharing the directory
+            self.stats.misses += 1
+            return None
+        except CorruptObjectError as exc:
+            self._burst.warning("corrupt", "%s: deleting corrupt object %s: %s", self.name, path, exc)
+            self.stats.corrupt += 1
+            self.stats.misses += 1
+            self._drop(key, path)
+            return None
+        except OSError as exc:
+            self._burst.warning("read", "%s: cannot read %s: %s", self.name, path, exc)
+            self.stats.errors += 1
+            self.stats.misses += 1
+            return None
+        with self._lock:
+            if key in self._sizes:
+                self._policy.touch(key)
+            elif self._make_room(HEADER_SIZE + kv.nbytes):
+                self._index(key, HEADER_SIZE + kv.nbytes)
+        self.stats.hits += 1
+        return kv
+
+    def _read(self, path: Path, key: ChunkKey) -> torch.Tensor:
+        with open(path, "rb", buffering=0) as f:
+            header = parse_header(f.read(HEADER_SIZE))
+            check_header(header, key, self.layout, self.codec)
+            size = os.fstat(f.fileno()).st_size
+            if size != HEADER_SIZE + header.payload_len:
+                raise CorruptObjectError(f"file is {size} bytes, header says {HEADER_SIZE + header.payload_len}")
+            payload = torch.empty(header.payload_len, dtype=torch.uint8)
+            view = memoryview(payload.numpy())
+            got = 0
+            while got < header.payload_len:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CorruptObjectError(f"file ended after {got} of {header.payload_len} payload bytes")
+                got += n
+        check_payload(header, view)
+        return self.codec.decode(view, header.shape, header.dtype)
+
+    def put(self, key: ChunkKey, kv: torch.Tensor) -> bool:
+        if key in self._sizes:
+            with self._lock:
+                if key in self._sizes:
+                    self._policy.touch(key)
+            return True
+        header, payload = encode_object(key, self.layout, self.codec, kv)
+        size = len(header) + payload.nbytes
+        with self._lock:
+            if not self._make_room(size):
+                self.stats.put_failures += 1
+                return False
+            self._reserved += size
+        try:
+            self._write(self.path(key), header, payload)
+        except OSError as exc:
+            what = "disk full" if exc.errno == errno.ENOSPC else "write failed"
+            self._burst.warning(what, "%s: %s for %s: %s", self.name, what, key, exc)
+            self.stats.errors += 1
+            self.stats.put_failures += 1
+            return False
+        finally:
+            with self._lock:
+                self._reserved -= size
+        with self._lock:
+            if key not in self._sizes:
+                self._index(key, size)
+            self.stats.puts += 1
+        return True
+
+    def _write(self, path: Path, header: bytes, payload: memoryview) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, [memoryview(header), payload.cast("B")])
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink(tmp)
+            raise
+        os.close(fd)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            _unlink(tmp)
+            raise
+
+    def delete(self, key: ChunkKey) -> bool:
+        with self._lock:
+            known = key in self._sizes
+            self._unindex(key)
+        return _unlink(self.path(key)) or known
+
+    def _drop(self, key: ChunkKey, path: Path) -> None:
+        with self._lock:
+            self._unindex(key)
+        _unlink(path)
+
+    def keys(self) -> list[ChunkKey]:
+        """A snapshot of the keys this process knows."""
+        with self._lock:
+            return list(self._sizes)
+
+    def close(self) -> None:
+        pass
+
+    def check(self) -> None:
+        with self._lock:
+            assert sum(self._sizes.values()) == self.stats.bytes, (sum(self._sizes.values()), self.stats.bytes)
+            assert self.stats.bytes <= self.capacity, (self.stats.bytes, self.capacity)
+            assert len(self._sizes) == self.stats.objects == len(self._policy)
+            assert self._reserved == 0
+            for key, size in self._sizes.items():
+                assert self.path(key).stat().st_size == size, key
+
+
+def _ensure_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        probe.write_bytes(b"kvtier")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"disk.path: {root} is not a writable directory: {exc.strerror or exc}") from exc
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _parse_name(ns_hex: str, file_name: str) -> ChunkKey | None:
+    if not file_name.endswith(SUFFIX):
+        return None
+    try:
+        namespace, digest = bytes.fromhex(ns_hex), bytes.fromhex(file_name[: -len(SUFFIX)])
+    except ValueError:
+        return None
+    if len(namespace) != DIGEST_BYTES or len(digest) != DIGEST_BYTES:
+        return None
+    return ChunkKey(namespace, digest)
+
+
+def _remove_stale(entry: os.DirEntry[str], now: float) -> None:
+    try:
+        if now - entry.stat().st_mtime > STALE_TMP_SECONDS:
+            os.unlink(entry.path)
+    except OSError:
+        pass  # another process finished or removed it first: nothing left to clean
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False  # another process sharing the directory removed it first
+
+
+def _write_all(fd: int, buffers: list[memoryview]) -> None:
+    while buffers:
+        written = os.writev(fd, buffers)
+        while buffers and written >= buffers[0].nbytes:
+            written -= buffers[0].nbytes
+            buffers.pop(0)
+        if buffers and written:
+            buffers[0] = buffers[0][written:]
