@@ -38,9 +38,7 @@ def closest(word: str, choices: Iterable[str]) -> str:
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(
-            f"{key}: {value!r} is not one of {', '.join(choices)}{closest(str(value), choices)}"
-        )
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}{closest(str(value), choices)}")
 
 
 @dataclass(frozen=True, slots=True)

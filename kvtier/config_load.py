@@ -97,7 +97,7 @@ def parse_value(key: str, value: Any, source: str) -> Any:
 
 
 def _parse_int(value: Any) -> int:
-    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError(f"expected an integer, got {value!r}")
     try:
         return int(value)
@@ -182,7 +182,7 @@ def lmcache_keys(data: Mapping[str, Any], source: str) -> dict[str, Any]:
             except ConfigError as exc:
                 raise ConfigError(f"{name} (from {source}): {exc}") from exc
         else:
-            hint = closest(name, list(LMCACHE_KEYS) + ["local_cpu"])
+            hint = closest(name, [*LMCACHE_KEYS, "local_cpu"])
             if hint:  # most likely a typo of a key we do support
                 raise ConfigError(f"unknown LMCache key '{name}' in {source}{hint}")
             log.warning("ignoring LMCache key %r from %s: kvtier has no equivalent", name, source)

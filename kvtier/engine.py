@@ -58,9 +58,7 @@ class CacheEngine:
             model_id, layout.fingerprint, rank=rank, world_size=world_size, codec=self.config.codec,
             tenant=self.config.tenant, hash_name=self.config.hash,
         )  # fmt: skip
-        self.hasher = ChunkHasher(
-            self.config.chunk_size, namespace, self.config.hash, self.config.save_partial_chunks
-        )
+        self.hasher = ChunkHasher(self.config.chunk_size, namespace, self.config.hash, self.config.save_partial_chunks)
         self.chain = chain if chain is not None else build_chain(self.config, layout)
         self._memo: OrderedDict[tuple[int, bytes], list[Chunk]] = OrderedDict()
         self._memo_lock = threading.Lock()
@@ -149,7 +147,7 @@ class CacheEngine:
         limit = len(chunks) if max_tokens is None else sum(1 for c in chunks if c.start < max_tokens)
         delivered = 0
         with self.chain.fetch([c.key for c in chunks[:limit]]) as tensors:
-            for chunk, kv in zip(chunks, tensors):
+            for chunk, kv in zip(chunks, tensors, strict=False):  # tensors may stop early
                 hi = chunk.end if max_tokens is None else min(chunk.end, max_tokens)
                 scatter(chunk.start, hi, kv if hi == chunk.end else kv[:, :, : hi - chunk.start])
                 delivered = hi

@@ -136,7 +136,7 @@ def _as_numpy(tokens: Any) -> np.ndarray:
 class ChunkHasher:
     """Cuts token sequences into chunks and computes their chained keys."""
 
-    __slots__ = ("chunk_size", "hash_name", "namespace", "save_partial", "_fn", "_seed")
+    __slots__ = ("_fn", "_seed", "chunk_size", "hash_name", "namespace", "save_partial")
 
     def __init__(
         self,

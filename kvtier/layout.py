@@ -99,7 +99,8 @@ class KVLayout:
     @property
     def fingerprint(self) -> str:
         """Short stable identity of this layout, part of every key namespace and header."""
-        text = f"{'mla' if self.mla else 'mha'}:{self.num_layers}:{self.num_kv_heads}:{self.head_dim}:{dtype_name(self.dtype)}"
+        kind = "mla" if self.mla else "mha"
+        text = f"{kind}:{self.num_layers}:{self.num_kv_heads}:{self.head_dim}:{dtype_name(self.dtype)}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def check(self, kv: torch.Tensor, num_tokens: int | None = None) -> None:

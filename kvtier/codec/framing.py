@@ -113,9 +113,7 @@ def encode_object(key: ChunkKey, layout: KVLayout, codec: Codec, kv: torch.Tenso
     return pack_header(key, layout, codec, kv, payload), payload
 
 
-def decode_object(
-    data: bytearray | memoryview, key: ChunkKey, layout: KVLayout, codec: Codec
-) -> torch.Tensor:
+def decode_object(data: bytearray | memoryview, key: ChunkKey, layout: KVLayout, codec: Codec) -> torch.Tensor:
     """Validate a whole stored object and decode its tensor; CorruptObjectError on any mismatch."""
     header = parse_header(data)
     check_header(header, key, layout, codec)

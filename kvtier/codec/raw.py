@@ -18,7 +18,7 @@ class RawCodec:
     def encode(self, kv: torch.Tensor) -> memoryview:
         """The tensor's bytes; a view when the tensor is already contiguous on the CPU."""
         flat = kv.detach().cpu().contiguous().reshape(-1)
-        return memoryview(flat.view(torch.uint8).numpy())
+        return flat.view(torch.uint8).numpy().data
 
     def decode(self, payload: bytearray | memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor sharing memory with `payload` (which must be writable and stay alive)."""

@@ -15,7 +15,7 @@ import torch
 
 from kvtier.keys import ChunkKey
 from kvtier.storage.base import TierStats
-from kvtier.storage.policy import make_policy
+from kvtier.storage.policy import EvictionPolicy, make_policy
 
 log = logging.getLogger("kvtier.storage.cpu")
 
@@ -29,7 +29,7 @@ class CPUTier:
         self.name = name
         self.capacity = capacity
         self.stats = TierStats()
-        self._policy = make_policy(policy)
+        self._policy: EvictionPolicy[ChunkKey] = make_policy(policy)
         self._data: dict[ChunkKey, torch.Tensor] = {}
         self._pins: dict[ChunkKey, int] = {}
         self._lock = threading.RLock()
@@ -113,7 +113,7 @@ class CPUTier:
                     else:
                         del self._pins[key]
 
-    def keys(self) -> list[ChunkKey]:
+    def held_keys(self) -> list[ChunkKey]:
         """A snapshot of the keys held."""
         with self._lock:
             return list(self._data)

@@ -27,7 +27,7 @@ from kvtier.keys import DIGEST_BYTES, ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.logutil import BurstLog
 from kvtier.storage.base import TierStats
-from kvtier.storage.policy import make_policy
+from kvtier.storage.policy import EvictionPolicy, make_policy
 
 log = logging.getLogger("kvtier.storage.disk")
 SUFFIX = ".kv"
@@ -54,7 +54,7 @@ class DiskTier:
         self.codec = codec
         self.fsync = fsync
         self.stats = TierStats()
-        self._policy = make_policy(policy)
+        self._policy: EvictionPolicy[ChunkKey] = make_policy(policy)
         self._sizes: dict[ChunkKey, int] = {}
         self._reserved = 0
         self._lock = threading.RLock()
@@ -112,8 +112,8 @@ class DiskTier:
             victim = next(iter(self._policy.victims()), None)
             if victim is None:
                 return False
-            self._unindex(victim)  # type: ignore[arg-type]
-            _unlink(self.path(victim))  # type: ignore[arg-type]
+            self._unindex(victim)
+            _unlink(self.path(victim))
             self.stats.evictions += 1
         return True
 
@@ -175,7 +175,7 @@ class DiskTier:
             if size != HEADER_SIZE + header.payload_len:
                 raise CorruptObjectError(f"file is {size} bytes, header says {HEADER_SIZE + header.payload_len}")
             payload = torch.empty(header.payload_len, dtype=torch.uint8)
-            view = memoryview(payload.numpy())
+            view = payload.numpy().data
             got = 0
             while got < header.payload_len:
                 n = f.readinto(view[got:])
@@ -245,7 +245,7 @@ class DiskTier:
             self._unindex(key)
         _unlink(path)
 
-    def keys(self) -> list[ChunkKey]:
+    def held_keys(self) -> list[ChunkKey]:
         """A snapshot of the keys this process knows."""
         with self._lock:
             return list(self._sizes)

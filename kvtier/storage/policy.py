@@ -8,37 +8,39 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
-class EvictionPolicy(Protocol):
+class EvictionPolicy(Protocol[K]):
     """Tracks the keys of a tier and orders them for eviction."""
 
-    def insert(self, key: Hashable) -> None: ...
-    def touch(self, key: Hashable) -> None: ...
-    def remove(self, key: Hashable) -> None: ...
-    def victims(self) -> Iterator[Hashable]: ...
+    def insert(self, key: K) -> None: ...
+    def touch(self, key: K) -> None: ...
+    def remove(self, key: K) -> None: ...
+    def victims(self) -> Iterator[K]: ...
     def __len__(self) -> int: ...
     def __contains__(self, key: object) -> bool: ...
 
 
-class LRU:
+class LRU(Generic[K]):
     """Least recently used first."""
 
     def __init__(self) -> None:
-        self._order: OrderedDict[Hashable, None] = OrderedDict()
+        self._order: OrderedDict[K, None] = OrderedDict()
 
-    def insert(self, key: Hashable) -> None:
+    def insert(self, key: K) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
 
-    def touch(self, key: Hashable) -> None:
+    def touch(self, key: K) -> None:
         self._order.move_to_end(key)
 
-    def remove(self, key: Hashable) -> None:
+    def remove(self, key: K) -> None:
         self._order.pop(key, None)
 
-    def victims(self) -> Iterator[Hashable]:
+    def victims(self) -> Iterator[K]:
         return iter(self._order)
 
     def __len__(self) -> int:
@@ -48,21 +50,21 @@ class LRU:
         return key in self._order
 
 
-class FIFO(LRU):
+class FIFO(LRU[K]):
     """First inserted first; reads do not change the order."""
 
-    def touch(self, key: Hashable) -> None:
+    def touch(self, key: K) -> None:
         pass
 
 
-class MRU(LRU):
+class MRU(LRU[K]):
     """Most recently used first (good for cyclic scans larger than the cache)."""
 
-    def victims(self) -> Iterator[Hashable]:
+    def victims(self) -> Iterator[K]:
         return reversed(self._order)
 
 
-class LFU:
+class LFU(Generic[K]):
     """Least frequently used first; ties broken by least recent use.
 
     O(1) per operation, except removing the last key of the least-frequent bucket outside eviction,
@@ -70,17 +72,17 @@ class LFU:
     """
 
     def __init__(self) -> None:
-        self._freq: dict[Hashable, int] = {}
-        self._buckets: dict[int, OrderedDict[Hashable, None]] = {}
+        self._freq: dict[K, int] = {}
+        self._buckets: dict[int, OrderedDict[K, None]] = {}
         self._min = 0
 
-    def insert(self, key: Hashable) -> None:
+    def insert(self, key: K) -> None:
         self.remove(key)
         self._freq[key] = 1
         self._buckets.setdefault(1, OrderedDict())[key] = None
         self._min = 1
 
-    def touch(self, key: Hashable) -> None:
+    def touch(self, key: K) -> None:
         freq = self._freq[key]
         bucket = self._buckets[freq]
         del bucket[key]
@@ -91,7 +93,7 @@ class LFU:
         self._freq[key] = freq + 1
         self._buckets.setdefault(freq + 1, OrderedDict())[key] = None
 
-    def remove(self, key: Hashable) -> None:
+    def remove(self, key: K) -> None:
         freq = self._freq.pop(key, None)
         if freq is None:
             return
@@ -102,7 +104,7 @@ class LFU:
             if self._min == freq:
                 self._min = min(self._buckets, default=0)
 
-    def victims(self) -> Iterator[Hashable]:
+    def victims(self) -> Iterator[K]:
         # Callers stop iterating before they mutate, so the live buckets can be walked directly.
         if self._min in self._buckets:
             yield from self._buckets[self._min]
@@ -120,9 +122,9 @@ class LFU:
 POLICIES: dict[str, type] = {"lru": LRU, "lfu": LFU, "fifo": FIFO, "mru": MRU}
 
 
-def make_policy(name: str) -> EvictionPolicy:
+def make_policy(name: str) -> EvictionPolicy[Any]:
     """Instantiate the policy called `name` (lru, lfu, fifo, mru)."""
     if name not in POLICIES:
         raise ValueError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICIES)}")
-    policy: EvictionPolicy = POLICIES[name]()
+    policy: EvictionPolicy[Any] = POLICIES[name]()
     return policy

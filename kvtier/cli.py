@@ -1,0 +1,93 @@
+"""The `kvtier` command line: demo, config, model, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from kvtier import __version__
+
+DESCRIPTION = """kvtier stores the KV cache of LLM serving engines outside GPU memory and reuses it,
+so a prompt whose prefix was seen before is not prefilled again."""
+
+EPILOG = """examples:
+  kvtier demo                       long-document QA on the built-in model, with and without the cache
+  kvtier config                     print the effective configuration (YAML, KVTIER_* and LMCACHE_*)
+  kvtier model export               write the built-in model as a plain Hugging Face folder
+  kvtier inspect ~/.cache/kvtier/demo-disk --verify
+                                    count and check the objects of a disk tier"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvtier", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="long-document QA: TTFT with and without kvtier, then a restart",
+                          description="Answer questions about a ~6,000-token public-domain document, each "
+                          "once without and once with kvtier; compare TTFT and answers; then show a new "
+                          "process hitting the disk tier.")  # fmt: skip
+    demo.add_argument("--model", help="local folder or hub id (default: the built-in SmolLM2-135M-Instruct)")
+    demo.add_argument("--engine", choices=["hf"], default="hf", help="serving engine (default: hf)")
+    demo.add_argument("--disk-path", help="disk tier directory (default: ~/.cache/kvtier/demo-disk)")
+    demo.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per answer (default: 32)")
+    demo.add_argument("--questions", type=int, default=3, choices=[1, 2, 3], help="how many questions (default: 3)")
+    demo.add_argument("--keep-cache", action="store_true", help="do not clear the disk tier first")
+    demo.add_argument("--no-restart", action="store_true", help="skip the second (restarted) process")
+    demo.add_argument("--restart-check", help=argparse.SUPPRESS)
+
+    sub.add_parser("config", help="print the effective configuration as YAML",
+                   description="Print the configuration kvtier would use here, after reading KVTIER_CONFIG, "
+                   "KVTIER_* variables and their LMCache equivalents.")  # fmt: skip
+
+    model = sub.add_parser("model", help="the built-in model", description="Manage the built-in model.")
+    model_sub = model.add_subparsers(dest="action", metavar="ACTION", required=True)
+    export = model_sub.add_parser("export", help="write it as a plain Hugging Face folder and print the path")
+    export.add_argument("--dest", help="target folder (default: ~/.cache/kvtier/models/smollm2-135m-instruct)")
+
+    inspect = sub.add_parser("inspect", help="summarize (and verify) the objects of a disk tier",
+                             description="Count the objects of a disk tier directory per namespace; with "
+                             "--verify, check every header and checksum.")  # fmt: skip
+    inspect.add_argument("path", help="disk tier directory")
+    inspect.add_argument("--verify", action="store_true", help="read every object and check it")
+    inspect.add_argument("--delete-corrupt", action="store_true", help="with --verify, delete corrupt objects")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from kvtier.demo import hf_demo
+
+        if args.restart_check:
+            return hf_demo.restart_check(args.restart_check)
+        opts = hf_demo.DemoOptions(
+            model=args.model, disk_path=args.disk_path, max_new_tokens=args.max_new_tokens,
+            questions=args.questions, keep_cache=args.keep_cache, restart=not args.no_restart,
+        )  # fmt: skip
+        return hf_demo.run(opts)
+    if args.command == "config":
+        import yaml
+
+        from kvtier.config import Config
+
+        print(yaml.safe_dump(Config.load().to_dict(), sort_keys=False), end="")
+        return 0
+    if args.command == "model":
+        from kvtier.models import export_default_model
+
+        print(export_default_model(args.dest))
+        return 0
+    if args.command == "inspect":
+        from kvtier.inspect import inspect_disk
+
+        return inspect_disk(args.path, verify=args.verify, delete_corrupt=args.delete_corrupt)
+    build_parser().print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

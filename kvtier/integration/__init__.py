@@ -1,0 +1,1 @@
+"""Integrations with serving engines: Hugging Face transformers (hf), vLLM (vllm)."""

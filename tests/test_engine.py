@@ -1,0 +1,157 @@
+"""CacheEngine: bit-exact store/retrieve, lookup, partial chunks, prefetch and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier import CacheEngine, Config, KVLayout
+from kvtier.errors import ConfigError, LayoutError, TokenError
+from tests.conftest import random_kv
+
+LAYOUT = KVLayout(3, 2, 8, torch.bfloat16)
+
+
+def engine(tmp_path, **overrides):
+    data = {"chunk_size": 16, "l1": {"size": "1MiB"}, "disk": {"path": str(tmp_path / "disk"), "size": "4MiB"}}
+    data.update(overrides)
+    return CacheEngine(Config.from_dict(data), LAYOUT, "test-model")
+
+
+def tokens(n, offset=0):
+    return [(i * 7919 + offset) % 50000 for i in range(n)]
+
+
+def test_store_retrieve_bit_exact(tmp_path):
+    with engine(tmp_path) as eng:
+        kv = random_kv(LAYOUT, 100)
+        assert eng.store(tokens(100), kv) == 100
+        assert eng.lookup(tokens(100)) == 100
+        out = eng.retrieve(tokens(100))
+        assert out.dtype == torch.bfloat16 and torch.equal(out.view(torch.int16), kv.view(torch.int16))
+
+
+def test_lookup_counts_the_shared_prefix(tmp_path):
+    with engine(tmp_path) as eng:
+        eng.store(tokens(100), random_kv(LAYOUT, 100))
+        other = tokens(40) + tokens(60, offset=1)
+        assert eng.lookup(other) == 32  # two full 16-token chunks; the third differs
+        assert torch.equal(eng.retrieve(other), random_kv(LAYOUT, 100)[:, :, :32])
+        assert eng.lookup([*tokens(100), 1, 2, 3]) == 96  # the partial chunk 96..100 is not a prefix of 96..103
+        assert eng.lookup(tokens(5, offset=3)) == 0
+        assert eng.retrieve(tokens(5, offset=3)).shape == LAYOUT.shape(0)
+
+
+def test_prompt_shorter_than_a_chunk(tmp_path):
+    with engine(tmp_path) as eng:
+        eng.store(tokens(5), random_kv(LAYOUT, 5))
+        assert eng.lookup(tokens(5)) == 5
+        assert torch.equal(eng.retrieve(tokens(5)), random_kv(LAYOUT, 5))
+
+
+def test_without_partial_chunks(tmp_path):
+    with engine(tmp_path, save_partial_chunks=False) as eng:
+        assert eng.store(tokens(40), random_kv(LAYOUT, 40)) == 32
+        assert eng.lookup(tokens(40)) == 32
+
+
+def test_store_skips_chunks_already_cached(tmp_path):
+    with engine(tmp_path) as eng:
+        eng.store(tokens(64), random_kv(LAYOUT, 64))
+        calls = []
+        stored = eng.store_chunks(tokens(80), lambda lo, hi: calls.append((lo, hi)) or random_kv(LAYOUT, hi - lo))
+        assert calls == [(64, 80)] and stored == 16
+
+
+def test_store_from_an_offset(tmp_path):
+    with engine(tmp_path) as eng:
+        kv = random_kv(LAYOUT, 64)
+        eng.store(tokens(64), kv[:, :, :32])
+        eng.store(tokens(64), kv[:, :, 32:], start=32)
+        assert torch.equal(eng.retrieve(tokens(64)), kv)
+        with pytest.raises(ValueError, match=r"multiple of the chunk size"):
+            eng.store(tokens(64), kv[:, :, 10:], start=10)
+
+
+def test_retrieve_max_tokens_cuts_the_last_chunk(tmp_path):
+    with engine(tmp_path) as eng:
+        kv = random_kv(LAYOUT, 64)
+        eng.store(tokens(64), kv)
+        assert torch.equal(eng.retrieve(tokens(64), max_tokens=40), kv[:, :, :40])
+        assert eng.retrieve(tokens(64), max_tokens=0).shape[2] == 0
+
+
+def test_restart_hits_the_disk_and_promotes(tmp_path):
+    kv = random_kv(LAYOUT, 50)
+    with engine(tmp_path) as first:
+        first.store(tokens(50), kv)
+        assert first.flush(timeout=10)
+    with engine(tmp_path) as second:
+        assert second.chain.l1.stats.objects == 0
+        assert second.lookup(tokens(50)) == 50
+        assert torch.equal(second.retrieve(tokens(50)), kv)
+        assert second.chain.l1.stats.objects == 4  # promoted into L1
+        assert second.stats()["l2"]["hits"] == 4
+
+
+def test_prefetch_promotes_into_l1(tmp_path):
+    with engine(tmp_path) as first:
+        first.store(tokens(50), random_kv(LAYOUT, 50))
+    with engine(tmp_path) as second:
+        assert second.prefetch(tokens(50)).result(timeout=10) == 50
+        assert second.chain.l1.stats.objects == 4
+
+
+def test_models_and_tenants_do_not_share(tmp_path):
+    cfg = Config.from_dict({"chunk_size": 16})
+    a = CacheEngine(cfg, LAYOUT, "model-a")
+    a.store(tokens(32), random_kv(LAYOUT, 32))
+    b = CacheEngine(cfg, LAYOUT, "model-b", chain=a.chain)
+    c = CacheEngine(cfg.replace(tenant="other"), LAYOUT, "model-a", chain=a.chain)
+    d = CacheEngine(cfg, LAYOUT, "model-a", rank=1, world_size=2, chain=a.chain)
+    assert a.lookup(tokens(32)) == 32
+    assert b.lookup(tokens(32)) == c.lookup(tokens(32)) == d.lookup(tokens(32)) == 0
+    a.close()
+
+
+def test_bad_kv_is_rejected_and_nothing_is_lost(tmp_path):
+    with engine(tmp_path) as eng:
+        kv = random_kv(LAYOUT, 32)
+        eng.store(tokens(32), kv)
+        with pytest.raises(LayoutError, match=r"dtype"):
+            eng.store(tokens(32, 5), torch.zeros(LAYOUT.shape(32), dtype=torch.float32))
+        with pytest.raises(LayoutError, match=r"shape"):
+            eng.store(tokens(32, 5), torch.zeros(2, 3, 32, 2, 4, dtype=torch.bfloat16))
+        with pytest.raises(LayoutError, match=r"only 10 tokens"):
+            eng.store(tokens(10), kv)
+        with pytest.raises(TokenError):
+            eng.store([-1] * 32, kv)
+        with pytest.raises(TokenError):
+            eng.lookup([1, 2, 2**40])
+        assert torch.equal(eng.retrieve(tokens(32)), kv)
+
+
+def test_budget_smaller_than_one_chunk(tmp_path):
+    with pytest.raises(ConfigError, match=r"l1.size: 1.0 KiB cannot hold one chunk \(3.0 KiB"):
+        CacheEngine(Config.from_dict({"chunk_size": 16, "l1": {"size": 1024}}), LAYOUT)
+    with pytest.raises(ConfigError, match=r"disk.size"):
+        CacheEngine(Config.from_dict({"chunk_size": 16, "disk": {"path": str(tmp_path), "size": 100}}), LAYOUT)
+
+
+def test_engine_without_l1(tmp_path):
+    with engine(tmp_path, l1={"size": 0}) as eng:
+        kv = random_kv(LAYOUT, 20)
+        eng.store(tokens(20), kv)
+        eng.flush()
+        assert torch.equal(eng.retrieve(tokens(20)), kv)
+
+
+def test_eviction_in_l1_falls_back_to_disk(tmp_path):
+    chunk = LAYOUT.bytes_per_token * 16
+    with engine(tmp_path, l1={"size": 2 * chunk}) as eng:
+        kv = random_kv(LAYOUT, 80)
+        eng.store(tokens(80), kv)
+        eng.flush()
+        assert eng.chain.l1.stats.objects == 2
+        assert torch.equal(eng.retrieve(tokens(80)), kv)  # 5 chunks through a 2-chunk L1
+        eng.chain.l1.check()
