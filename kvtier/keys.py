@@ -27,23 +27,25 @@ DIGEST_BYTES = 16
 _MAX_TOKEN = 2**32
 
 
-def _blake3(data: bytes) -> bytes:
-    import blake3
+def _blake3() -> Callable[[bytes], bytes]:
+    from blake3 import blake3
 
-    return blake3.blake3(data).digest(DIGEST_BYTES)
-
-
-def _sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()[:DIGEST_BYTES]
+    return lambda data: blake3(data).digest(DIGEST_BYTES)
 
 
-def _xxh128(data: bytes) -> bytes:
-    import xxhash
+def _sha256() -> Callable[[bytes], bytes]:
+    sha256 = hashlib.sha256
+    return lambda data: sha256(data).digest()[:DIGEST_BYTES]
 
-    return xxhash.xxh3_128_digest(data)
+
+def _xxh128() -> Callable[[bytes], bytes]:
+    from xxhash import xxh3_128_digest
+
+    return xxh3_128_digest  # type: ignore[no-any-return]
 
 
-HASH_FUNCTIONS: dict[str, Callable[[bytes], bytes]] = {
+# name -> factory of the hash function (factories keep optional imports lazy)
+HASH_FUNCTIONS: dict[str, Callable[[], Callable[[bytes], bytes]]] = {
     "blake3": _blake3,
     "sha256": _sha256,
     "xxh128": _xxh128,
@@ -153,7 +155,7 @@ class ChunkHasher:
         self.namespace = namespace
         self.hash_name = hash_name
         self.save_partial = save_partial
-        self._fn = HASH_FUNCTIONS[hash_name]
+        self._fn = HASH_FUNCTIONS[hash_name]()
         self._seed = self._fn(b"kvtier chunk chain v1")
 
     def chunks(self, tokens: Any, start: int = 0) -> list[Chunk]:
@@ -165,17 +167,17 @@ class ChunkHasher:
 
     def chunks_of_bytes(self, data: bytes, start: int = 0) -> list[Chunk]:
         """Like chunks(), for tokens already converted by token_bytes()."""
-        n = len(data) // 4
         if start % self.chunk_size:
             raise ValueError(f"start {start} is not a multiple of the chunk size {self.chunk_size}")
-        end = n if self.save_partial else n - n % self.chunk_size
-        step = self.chunk_size * 4
+        n = len(data) // 4
+        size = self.chunk_size
+        end = n if self.save_partial else n - n % size
         fn, ns, prev = self._fn, self.namespace, self._seed
-        view = memoryview(data)
+        make = tuple.__new__  # NamedTuple construction without the Python-level __new__ (hot loop)
         out: list[Chunk] = []
-        for lo in range(0, end * 4, step):
-            hi = min(lo + step, end * 4)
-            prev = fn(prev + view[lo:hi])
-            if lo // 4 >= start:
-                out.append(Chunk(ChunkKey(ns, prev), lo // 4, hi // 4))
+        for lo in range(0, end, size):
+            hi = lo + size if lo + size < end else end
+            prev = fn(prev + data[lo * 4 : hi * 4])
+            if lo >= start:
+                out.append(make(Chunk, (make(ChunkKey, (ns, prev)), lo, hi)))
         return out

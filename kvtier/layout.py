@@ -8,7 +8,7 @@ Adapters convert an engine's own memory layout to and from it.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,6 +67,7 @@ class KVLayout:
     head_dim: int
     dtype: torch.dtype = torch.bfloat16
     mla: bool = False  # one latent per token: canonical shape [1, L, T, 1, head_dim]
+    _fingerprint: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _to_dtype(self.dtype))
@@ -76,6 +77,9 @@ class KVLayout:
                 raise LayoutError(f"KVLayout.{name} must be a positive int, got {value!r}")
         if self.mla and self.num_kv_heads != 1:
             raise LayoutError(f"an MLA layout has one latent per token, not {self.num_kv_heads} heads")
+        kind = "mla" if self.mla else "mha"
+        text = f"{kind}:{self.num_layers}:{self.num_kv_heads}:{self.head_dim}:{dtype_name(self.dtype)}"
+        object.__setattr__(self, "_fingerprint", hashlib.sha256(text.encode()).hexdigest()[:16])
 
     @property
     def kv_planes(self) -> int:
@@ -99,9 +103,7 @@ class KVLayout:
     @property
     def fingerprint(self) -> str:
         """Short stable identity of this layout, part of every key namespace and header."""
-        kind = "mla" if self.mla else "mha"
-        text = f"{kind}:{self.num_layers}:{self.num_kv_heads}:{self.head_dim}:{dtype_name(self.dtype)}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._fingerprint
 
     def check(self, kv: torch.Tensor, num_tokens: int | None = None) -> None:
         """Raise LayoutError unless `kv` is a canonical tensor of this layout."""

@@ -10,6 +10,7 @@ The key is inside the header, so an object served for the wrong key is rejected 
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class Header:
     checksum: bytes
 
 
+@functools.lru_cache(maxsize=64)
 def layout_tag(layout: KVLayout) -> bytes:
     """The 8-byte layout fingerprint stored in headers."""
     return bytes.fromhex(layout.fingerprint)
@@ -103,7 +105,17 @@ def check_payload(header: Header, payload: bytearray | memoryview) -> None:
     """Raise CorruptObjectError unless the payload has the header's length and checksum."""
     if len(payload) != header.payload_len:
         raise CorruptObjectError(f"payload is {len(payload)} bytes, header says {header.payload_len}")
-    if xxhash.xxh3_128_digest(payload) != header.checksum:
+    check_digest(header, xxhash.xxh3_128_digest(payload))
+
+
+def payload_hasher() -> xxhash.xxh3_128:
+    """An incremental hasher whose digest() check_digest() accepts (for streaming reads)."""
+    return xxhash.xxh3_128()
+
+
+def check_digest(header: Header, digest: bytes) -> None:
+    """Raise CorruptObjectError unless `digest` is the header's payload checksum."""
+    if digest != header.checksum:
         raise CorruptObjectError("payload checksum mismatch")
 
 

@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 from kvtier.codec import Codec
-from kvtier.codec.framing import HEADER_SIZE, check_header, check_payload, encode_object, parse_header
+from kvtier.codec.framing import (
+    HEADER_SIZE,
+    check_digest,
+    check_header,
+    encode_object,
+    parse_header,
+    payload_hasher,
+)
 from kvtier.errors import ConfigError, CorruptObjectError
 from kvtier.keys import DIGEST_BYTES, ChunkKey
 from kvtier.layout import KVLayout
@@ -32,6 +39,7 @@ from kvtier.storage.policy import EvictionPolicy, make_policy
 log = logging.getLogger("kvtier.storage.disk")
 SUFFIX = ".kv"
 STALE_TMP_SECONDS = 3600.0  # a temporary file this old belongs to a writer that died
+READ_PIECE = 1024 * 1024  # bytes read and hashed at a time: fits the L2 cache of current CPUs
 
 
 class DiskTier:
@@ -49,6 +57,7 @@ class DiskTier:
     ) -> None:
         self.name = name
         self.root = Path(root).expanduser()
+        self._root = str(self.root)
         self.capacity = capacity
         self.layout = layout
         self.codec = codec
@@ -66,8 +75,11 @@ class DiskTier:
 
     def path(self, key: ChunkKey) -> Path:
         """The file that holds `key`."""
+        return Path(self._path(key))
+
+    def _path(self, key: ChunkKey) -> str:
         digest = key.digest.hex()
-        return self.root / key.namespace.hex() / digest[:2] / f"{digest}{SUFFIX}"
+        return os.path.join(self._root, key.namespace.hex(), digest[:2], digest + SUFFIX)
 
     def _scan(self) -> None:
         """Index the objects already in the directory, oldest first, and drop stale temp files."""
@@ -140,7 +152,7 @@ class DiskTier:
         return len(keys)
 
     def get(self, key: ChunkKey) -> torch.Tensor | None:
-        path = self.path(key)
+        path = self._path(key)
         try:
             kv = self._read(path, key)
         except FileNotFoundError:
@@ -167,7 +179,7 @@ class DiskTier:
         self.stats.hits += 1
         return kv
 
-    def _read(self, path: Path, key: ChunkKey) -> torch.Tensor:
+    def _read(self, path: str, key: ChunkKey) -> torch.Tensor:
         with open(path, "rb", buffering=0) as f:
             header = parse_header(f.read(HEADER_SIZE))
             check_header(header, key, self.layout, self.codec)
@@ -176,13 +188,15 @@ class DiskTier:
                 raise CorruptObjectError(f"file is {size} bytes, header says {HEADER_SIZE + header.payload_len}")
             payload = torch.empty(header.payload_len, dtype=torch.uint8)
             view = payload.numpy().data
+            hasher = payload_hasher()
             got = 0
-            while got < header.payload_len:
-                n = f.readinto(view[got:])
+            while got < header.payload_len:  # hash each piece while it is still in the CPU cache
+                n = f.readinto(view[got : got + READ_PIECE])
                 if not n:
                     raise CorruptObjectError(f"file ended after {got} of {header.payload_len} payload bytes")
+                hasher.update(view[got : got + n])
                 got += n
-        check_payload(header, view)
+        check_digest(header, hasher.digest())
         return self.codec.decode(view, header.shape, header.dtype)
 
     def put(self, key: ChunkKey, kv: torch.Tensor) -> bool:
@@ -240,7 +254,7 @@ class DiskTier:
             self._unindex(key)
         return _unlink(self.path(key)) or known
 
-    def _drop(self, key: ChunkKey, path: Path) -> None:
+    def _drop(self, key: ChunkKey, path: str | Path) -> None:
         with self._lock:
             self._unindex(key)
         _unlink(path)
@@ -300,7 +314,7 @@ def _remove_stale(entry: os.DirEntry[str], now: float) -> None:
         pass  # another process finished or removed it first: nothing left to clean
 
 
-def _unlink(path: Path) -> bool:
+def _unlink(path: str | Path) -> bool:
     try:
         os.unlink(path)
         return True

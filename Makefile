@@ -1,0 +1,39 @@
+# kvtier: `make demo` installs everything into .venv and runs the demo; `make test` runs every check.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 is the CPU wheel these machines carry; set TORCH= to keep the torch you have.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint typecheck install bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
+	$(BIN)/python -m pip install -q -e ".[hf,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/kvtier demo
+
+lint: install
+	$(BIN)/ruff check kvtier tests benchmarks
+	$(BIN)/ruff format --check kvtier tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m benchmarks.tiers
+	$(BIN)/python -m benchmarks.ttft_hf
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
