@@ -4,7 +4,7 @@ Chunks are 256 tokens of the built-in model's KV shape in bf16 (30 layers x 3 KV
 5.9 MB). Targets: L1 retrieve >= 0.8x memcpy, L2 read >= 0.8x raw file read, lookup of a
 128k-token prompt < 2 ms.
 
-    python benchmarks/tiers.py [--chunks 32] [--repeat 5] [--dir /tmp/kvtier-bench]
+    python -m benchmarks.tiers [--chunks 32] [--repeat 5] [--dir /tmp/kvtier-bench]
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """TTFT of the built-in model with transformers: cold prefill vs warm from kvtier's L1 and L2.
 
 For each prompt length: the plain transformers prefill (one forward pass, no kvtier: the reference
-of the speedup columns), the first request through kvtier (a miss: chunked prefill, then the chunks are stored), the same prompt again
-(warm from L1), and the same prompt in a fresh engine whose L1 is empty (warm from the disk tier).
-Every row must produce the same tokens. Target: warm >= 50x faster than cold at 8k tokens.
+of the speedup columns), the first request through kvtier (a miss: chunked prefill, then the chunks
+are stored), the same prompt again (warm from L1), and the same prompt in a fresh engine whose L1
+is empty (warm from the disk tier). Every row must produce the same tokens.
+Target: warm >= 50x faster than cold at 8k tokens.
 
-    python benchmarks/ttft_hf.py [--sizes 1024 4096 8000] [--repeat 3]
+    python -m benchmarks.ttft_hf [--sizes 1024 4096 8000] [--repeat 3]
 """
 
 from __future__ import annotations
