@@ -41,7 +41,7 @@ def _sha256() -> Callable[[bytes], bytes]:
 def _xxh128() -> Callable[[bytes], bytes]:
     from xxhash import xxh3_128_digest
 
-    return xxh3_128_digest  # type: ignore[no-any-return]
+    return xxh3_128_digest
 
 
 # name -> factory of the hash function (factories keep optional imports lazy)
