@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch 2.13.0 is the CPU wheel these machines carry; set TORCH= to keep the torch you have.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck install bench clean
+.PHONY: demo test test-compat lint typecheck install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,17 @@ typecheck: install
 test: lint typecheck
 	$(BIN)/python -m pytest -q
 
+# The transformers integration against transformers 4.x (the main venv has 5.x); CI runs it too.
+COMPAT_VENV ?= .venv-tf4
+test-compat:
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(if $(TORCH),$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH)")
+	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[hf,dev]" "transformers>=4.45,<5"
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/integration
+
 bench: install
 	$(BIN)/python -m benchmarks.tiers
 	$(BIN)/python -m benchmarks.ttft_hf
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -31,6 +31,28 @@ def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 1, setup: Callable[
     return times
 
 
+def paired(
+    reference: Callable[[], Any],
+    subject: Callable[[], Any],
+    repeat: int,
+    setup: Callable[[], Any] | None = None,
+    subject_setup: Callable[[], Any] | None = None,
+) -> tuple[float, float]:
+    """Median seconds of `reference` and of `subject`, timed alternately so that drift of the
+    machine (other tenants, frequency, page cache) affects both alike."""
+    ref: list[float] = []
+    sub: list[float] = []
+    for i in range(repeat + 1):
+        for fn, prep, out in ((reference, setup, ref), (subject, subject_setup or setup, sub)):
+            if prep:
+                prep()
+            start = time.perf_counter()
+            fn()
+            if i:  # the first round warms up
+                out.append(time.perf_counter() - start)
+    return median(ref), median(sub)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import median, report, timeit
+from benchmarks._common import median, paired, report, timeit
 from kvtier import CacheEngine, Config, KVLayout
 from kvtier.codec.raw import RawCodec
 from kvtier.storage.disk import READ_PIECE, DiskTier
@@ -30,7 +30,7 @@ CHUNK = 256
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=32, help="chunks per measurement (default 32 = 189 MB)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--repeat", type=int, default=9, help="timed repetitions (median reported)")
     parser.add_argument("--dir", default=None, help="directory for the disk measurements (default: a temp dir)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -49,69 +49,71 @@ def run(n: int, repeat: int, root: str) -> tuple[list[list[object]], dict[str, f
     total = sum(c.nbytes for c in chunks)
     gbps = lambda seconds: total / seconds / 1e9  # noqa: E731
 
-    # references: memcpy of the same bytes, raw file writes and reads of files of the same size
+    # references are timed alternately with what they are the reference of (see paired())
     dst = [torch.empty_like(c) for c in chunks]
-    memcpy = gbps(median(timeit(lambda: [d.copy_(c) for d, c in zip(dst, chunks, strict=True)], repeat)))
+    memcpy = lambda: [d.copy_(c) for d, c in zip(dst, chunks, strict=True)]  # noqa: E731
     raw_dir = os.path.join(root, "raw")
     os.makedirs(raw_dir)
     blobs = [c.view(torch.uint8).numpy().tobytes() for c in chunks]
     paths = [os.path.join(raw_dir, f"{i}.bin") for i in range(n)]
-    raw_write = gbps(median(timeit(lambda: _raw_write(paths, blobs), repeat, setup=lambda: _remove(paths))))
-    raw_read = gbps(median(timeit(lambda: _each(_raw_read, paths), repeat)))
-    raw_read_once = gbps(median(timeit(lambda: _each(_raw_read_once, paths), repeat)))
 
     # L1 through the engine: store (hash + copy into owned chunks + put), retrieve into a caller buffer
     config = Config.from_dict({"l1": {"size": 8 * GiB}})
     engine = CacheEngine(config, LAYOUT, "bench")
-    l1_store = gbps(median(timeit(lambda: engine.store(tokens, kv), repeat, setup=engine.chain.l1.clear)))
+    l1 = engine.chain.l1
+    assert l1 is not None
     out = LAYOUT.empty(n * CHUNK)
     scatter = lambda lo, hi, t: out[:, :, lo:hi].copy_(t)  # noqa: E731
-    l1_retrieve = gbps(median(timeit(lambda: engine.retrieve_into(tokens, scatter), repeat)))
-    l1_retrieve_alloc = gbps(median(timeit(lambda: engine.retrieve(tokens), repeat)))
+    copy_s, store_s = paired(memcpy, lambda: engine.store(tokens, kv), repeat, subject_setup=l1.clear)
+    engine.store(tokens, kv)
+    copy2_s, retrieve_s = paired(memcpy, lambda: engine.retrieve_into(tokens, scatter), repeat)
+    copy3_s, alloc_s = paired(memcpy, lambda: engine.retrieve(tokens), repeat)
+    assert torch.equal(out, kv)
 
     # L2: the disk tier alone (framing, checksums, atomic rename), same page cache as the references
     disk = DiskTier(os.path.join(root, "l2"), 64 * GiB, LAYOUT, RawCodec())
     keys = [c.key for c in engine.chunks(tokens)]
+    l2_files = [str(disk.path(k)) for k in keys]
 
     def clear_disk() -> None:
         for key in keys:
             disk.delete(key)
 
-    l2_write = gbps(median(timeit(lambda: [disk.put(k, c) for k, c in zip(keys, chunks, strict=True)], repeat,
-                                  setup=clear_disk)))  # fmt: skip
-    for k, c in zip(keys, chunks, strict=True):
-        disk.put(k, c)
-    l2_read = gbps(median(timeit(lambda: _each(disk.get, keys), repeat)))
-    # the same from the device: evict both sets of files from the page cache before each read
-    l2_files = [str(disk.path(k)) for k in keys]
-    raw_cold = gbps(median(timeit(lambda: _each(_raw_read, paths), repeat, setup=lambda: _evict(paths))))
-    l2_cold = gbps(median(timeit(lambda: _each(disk.get, keys), repeat, setup=lambda: _evict(l2_files))))
+    write_s, put_s = paired(lambda: _raw_write(paths, blobs), lambda: _each_pair(disk.put, keys, chunks), repeat,
+                            setup=lambda: _remove(paths), subject_setup=clear_disk)  # fmt: skip
+    read_s, get_s = paired(lambda: _each(_raw_read, paths), lambda: _each(disk.get, keys), repeat)
+    once_s, _ = paired(lambda: _each(_raw_read_once, paths), lambda: None, repeat)
     assert all(torch.equal(disk.get(k), c) for k, c in zip(keys, chunks, strict=True))
+    # the same from the device: evict both sets of files from the page cache before each read
+    cold_s, cold_get_s = paired(lambda: _each(_raw_read, paths), lambda: _each(disk.get, keys), repeat,
+                                setup=lambda: _evict(paths), subject_setup=lambda: _evict(l2_files))  # fmt: skip
+    memcpy_gbps = gbps(median([copy_s, copy2_s, copy3_s]))
+    raw_read, raw_write, raw_cold = gbps(read_s), gbps(write_s), gbps(cold_s)
 
     lookup_rows, lookup = _lookup(repeat)
     rows: list[list[object]] = [
-        ["memcpy (reference)", memcpy, 1.0, "-"],
-        ["L1 store (engine.store)", l1_store, l1_store / memcpy, "memcpy"],
-        ["L1 retrieve_into", l1_retrieve, l1_retrieve / memcpy, "memcpy"],
-        ["L1 retrieve (allocates)", l1_retrieve_alloc, l1_retrieve_alloc / memcpy, "memcpy"],
+        ["memcpy (reference)", memcpy_gbps, 1.0, "-"],
+        ["L1 store (engine.store)", gbps(store_s), copy_s / store_s, "memcpy"],
+        ["L1 retrieve_into", gbps(retrieve_s), copy2_s / retrieve_s, "memcpy"],
+        ["L1 retrieve (allocates)", gbps(alloc_s), copy3_s / alloc_s, "memcpy"],
         ["raw write to new files (reference)", raw_write, 1.0, "-"],
+        ["L2 write (put)", gbps(put_s), write_s / put_s, "raw write"],
         ["raw read into new buffers (reference)", raw_read, 1.0, "-"],
-        ["L2 write (put)", l2_write, l2_write / raw_write, "raw write"],
-        ["raw read, one read() per file", raw_read_once, raw_read_once / raw_read, "raw read"],
-        ["L2 read (get)", l2_read, l2_read / raw_read, "raw read"],
+        ["raw read, one read() per file", gbps(once_s), read_s / once_s, "raw read"],
+        ["L2 read (get)", gbps(get_s), read_s / get_s, "raw read"],
         ["raw read, not in page cache (reference)", raw_cold, 1.0, "-"],
-        ["L2 read, not in page cache", l2_cold, l2_cold / raw_cold, "raw read, not cached"],
+        ["L2 read, not in page cache", gbps(cold_get_s), cold_s / cold_get_s, "raw read, not cached"],
         *lookup_rows,
     ]
     summary = {
         "chunk_mb": round(chunks[0].nbytes / 1e6, 2),
-        "memcpy_gbps": round(memcpy, 2),
-        "l1_retrieve_vs_memcpy": round(l1_retrieve / memcpy, 3),
-        "l1_store_vs_memcpy": round(l1_store / memcpy, 3),
-        "l2_read_vs_raw": round(l2_read / raw_read, 3),
-        "l2_read_vs_raw_single_read": round(l2_read / raw_read_once, 3),
-        "l2_write_vs_raw": round(l2_write / raw_write, 3),
-        "l2_read_uncached_vs_raw": round(l2_cold / raw_cold, 3),
+        "memcpy_gbps": round(memcpy_gbps, 2),
+        "l1_retrieve_vs_memcpy": round(copy2_s / retrieve_s, 3),
+        "l1_store_vs_memcpy": round(copy_s / store_s, 3),
+        "l2_read_vs_raw": round(read_s / get_s, 3),
+        "l2_read_vs_raw_single_read": round(once_s / get_s, 3),
+        "l2_write_vs_raw": round(write_s / put_s, 3),
+        "l2_read_uncached_vs_raw": round(cold_s / cold_get_s, 3),
         **lookup,
     }
     engine.close()
@@ -172,6 +174,11 @@ def _remove(paths: list[str]) -> None:
     for path in paths:
         if os.path.exists(path):
             os.unlink(path)
+
+
+def _each_pair(fn: Any, first: list[Any], second: list[Any]) -> None:
+    for a, b in zip(first, second, strict=True):
+        fn(a, b)
 
 
 def _each(fn: Any, items: list[Any]) -> None:

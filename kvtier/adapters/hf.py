@@ -41,7 +41,7 @@ def install_layer(cache: Any, layer: int, k: torch.Tensor, v: torch.Tensor) -> N
     layers = getattr(cache, "layers", None)
     if layers is not None and layer < len(layers) and type(layers[layer]) is DynamicLayer:
         entry = layers[layer]
-        entry.lazy_initialization(k, v)
+        entry.update(k[:, :, :0], v[:, :, :0])  # lets the layer initialise itself, whatever its version
         entry.keys, entry.values = k, v
     else:  # other layer types (sliding windows) and transformers 4.x keep their own bookkeeping
         cache.update(k, v, layer)
