@@ -1,0 +1,134 @@
+"""Paged KV memory (vLLM) <-> canonical chunk tensors.
+
+vLLM keeps each layer's KV in fixed-size blocks; a request's tokens live in the blocks its block
+table lists, in order. Every supported layout is first seen through a *block view*: a strided view
+(no copy) of one layer as `[num_blocks, planes, block_size, kv_heads, head_dim]`. Gathering and
+scattering are then written once, with one indexed copy per layer for a whole token range.
+
+Layouts (per layer):
+- ``cpu``:        `(num_blocks, kv_heads, block_size, 2 * head_dim)` (vLLM's CPU backend), whose memory
+                  reads as `(num_blocks, kv_heads, 2, block_size, head_dim)`: per block and head, the
+                  block's K rows, then its V rows.
+- ``flash_nhd``:  `[2, num_blocks, block_size, kv_heads, head_dim]` (FlashAttention)
+- ``flash_hnd``:  `[2, num_blocks, kv_heads, block_size, head_dim]`
+- ``flashinfer``: `[num_blocks, 2, block_size, kv_heads, head_dim]`
+- ``mla``:        `[num_blocks, block_size, latent_dim]` (one latent per token; canonical planes = 1)
+All are plain torch ops, so they run on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kvtier.errors import LayoutError
+from kvtier.layout import KVLayout
+
+BlockView = Callable[[torch.Tensor, KVLayout, int], torch.Tensor]
+
+
+def _cpu(cache: torch.Tensor, layout: KVLayout, block_size: int) -> torch.Tensor:
+    blocks = cache.shape[0]
+    view = cache.view(blocks, layout.num_kv_heads, 2, block_size, layout.head_dim)
+    return view.permute(0, 2, 3, 1, 4)
+
+
+def _flash_nhd(cache: torch.Tensor, layout: KVLayout, block_size: int) -> torch.Tensor:
+    return cache.permute(1, 0, 2, 3, 4)
+
+
+def _flash_hnd(cache: torch.Tensor, layout: KVLayout, block_size: int) -> torch.Tensor:
+    return cache.permute(1, 0, 3, 2, 4)
+
+
+def _flashinfer(cache: torch.Tensor, layout: KVLayout, block_size: int) -> torch.Tensor:
+    return cache
+
+
+def _mla(cache: torch.Tensor, layout: KVLayout, block_size: int) -> torch.Tensor:
+    return cache.unsqueeze(1).unsqueeze(3)
+
+
+BLOCK_VIEWS: dict[str, BlockView] = {
+    "cpu": _cpu,
+    "flash_nhd": _flash_nhd,
+    "flash_hnd": _flash_hnd,
+    "flashinfer": _flashinfer,
+    "mla": _mla,
+}
+
+
+def expected_shape(kind: str, layout: KVLayout, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """The per-layer shape the engine allocates for `kind`."""
+    h, d = layout.num_kv_heads, layout.head_dim
+    shapes = {
+        "cpu": (num_blocks, h, block_size, 2 * d),
+        "flash_nhd": (2, num_blocks, block_size, h, d),
+        "flash_hnd": (2, num_blocks, h, block_size, d),
+        "flashinfer": (num_blocks, 2, block_size, h, d),
+        "mla": (num_blocks, block_size, d),
+    }
+    return shapes[kind]
+
+
+class PagedKV:
+    """Gathers and scatters canonical KV for token ranges of one request's blocks."""
+
+    def __init__(self, kind: str, layout: KVLayout, caches: list[torch.Tensor], block_size: int) -> None:
+        if kind not in BLOCK_VIEWS:
+            raise LayoutError(f"unknown paged layout {kind!r}; supported: {', '.join(BLOCK_VIEWS)}")
+        if (kind == "mla") != layout.mla:
+            raise LayoutError(f"paged layout {kind!r} does not match an {'MLA' if layout.mla else 'MHA'} KVLayout")
+        if len(caches) != layout.num_layers:
+            raise LayoutError(f"got {len(caches)} layer caches for a {layout.num_layers}-layer layout")
+        self.kind = kind
+        self.layout = layout
+        self.block_size = block_size
+        blocks = caches[0].shape[0 if kind in ("cpu", "flashinfer", "mla") else 1]
+        want = expected_shape(kind, layout, blocks, block_size)
+        for i, cache in enumerate(caches):
+            if tuple(cache.shape) != want or cache.dtype != layout.dtype:
+                raise LayoutError(
+                    f"layer {i}: KV cache {tuple(cache.shape)} {cache.dtype} is not the {kind} layout "
+                    f"{want} {layout.dtype}"
+                )
+        self.views = [BLOCK_VIEWS[kind](cache, layout, block_size) for cache in caches]
+        self.device = caches[0].device
+
+    def _blocks(self, block_ids: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, int]:
+        """Block ids covering tokens [start, end) (start block-aligned), and tokens in the last block."""
+        if start % self.block_size:
+            raise LayoutError(f"token range starts at {start}, not a multiple of the block size {self.block_size}")
+        first, last = start // self.block_size, -(-end // self.block_size)
+        if last > len(block_ids):
+            raise LayoutError(f"tokens [{start}, {end}) need {last} blocks; the request has {len(block_ids)}")
+        return block_ids[first:last].to(self.device), end - (last - 1) * self.block_size
+
+    def gather(self, block_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Canonical KV (on this device) of the request's tokens [start, end)."""
+        ids, _ = self._blocks(block_ids, start, end)
+        n = len(ids) * self.block_size
+        out = torch.empty(self.layout.shape(n), dtype=self.layout.dtype, device=self.device)
+        for layer, view in enumerate(self.views):
+            blocks = view.index_select(0, ids)  # [nb, planes, bs, h, d]: one copy per layer
+            out[:, layer].view(self.layout.kv_planes, len(ids), self.block_size, *out.shape[3:]).copy_(
+                blocks.transpose(0, 1)
+            )
+        return out[:, :, : end - start]
+
+    def scatter(self, block_ids: torch.Tensor, start: int, kv: torch.Tensor) -> None:
+        """Write canonical `kv` into the request's blocks for tokens [start, start + kv.shape[2])."""
+        self.layout.check(kv)
+        end = start + kv.shape[2]
+        ids, tail = self._blocks(block_ids, start, end)
+        kv = kv.to(self.device, non_blocking=True)
+        full = len(ids) - (tail < self.block_size)
+        planes, bs = self.layout.kv_planes, self.block_size
+        for layer, view in enumerate(self.views):
+            src = kv[:, layer]  # [planes, T, h, d]
+            if full:
+                blocks = src[:, : full * bs].reshape(planes, full, bs, *src.shape[2:]).transpose(0, 1)
+                view.index_copy_(0, ids[:full], blocks.contiguous())
+            if tail < bs:
+                view[ids[full], :, :tail] = src[:, full * bs :]

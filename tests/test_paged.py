@@ -1,0 +1,104 @@
+"""Paged layouts: gather/scatter against a per-token reference, bit-exact round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.adapters.paged import PagedKV, expected_shape
+from kvtier.errors import LayoutError
+from kvtier.layout import KVLayout
+
+BS = 4
+MHA = KVLayout(3, 2, 8, torch.bfloat16)
+MLA = KVLayout(3, 1, 12, torch.bfloat16, mla=True)
+KINDS = ["cpu", "flash_nhd", "flash_hnd", "flashinfer", "mla"]
+
+
+def layout_for(kind):
+    return MLA if kind == "mla" else MHA
+
+
+def make_caches(kind, num_blocks=10, seed=0):
+    layout = layout_for(kind)
+    gen = torch.Generator().manual_seed(seed)
+    shape = expected_shape(kind, layout, num_blocks, BS)
+    return [torch.randn(shape, generator=gen).to(layout.dtype) for _ in range(layout.num_layers)]
+
+
+def token_kv(kind, cache, block, offset, layout):
+    """K and V ([h, d] each; V None for MLA) of one token, read straight from the layout's definition."""
+    if kind == "cpu":
+        d = layout.head_dim
+        raw = cache[block].view(layout.num_kv_heads, 2 * BS, d)  # per head: BS K rows, then BS V rows
+        return raw[:, offset], raw[:, BS + offset]
+    if kind == "flash_nhd":
+        return cache[0, block, offset], cache[1, block, offset]
+    if kind == "flash_hnd":
+        return cache[0, block, :, offset], cache[1, block, :, offset]
+    if kind == "flashinfer":
+        return cache[block, 0, offset], cache[block, 1, offset]
+    return cache[block, offset].unsqueeze(0), None
+
+
+def reference_gather(kind, caches, block_ids, start, end):
+    layout = layout_for(kind)
+    out = torch.empty(layout.shape(end - start), dtype=layout.dtype)
+    for layer, cache in enumerate(caches):
+        for t in range(start, end):
+            k, v = token_kv(kind, cache, int(block_ids[t // BS]), t % BS, layout)
+            out[0, layer, t - start] = k
+            if v is not None:
+                out[1, layer, t - start] = v
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("start", "end"), [(0, 16), (4, 11), (8, 9), (0, 3)])
+def test_gather_matches_the_layout_definition(kind, start, end):
+    caches = make_caches(kind)
+    block_ids = torch.tensor([7, 2, 9, 0, 5])
+    paged = PagedKV(kind, layout_for(kind), caches, BS)
+    got = paged.gather(block_ids, start, end)
+    assert torch.equal(got, reference_gather(kind, caches, block_ids, start, end))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("start", "n"), [(0, 16), (4, 7), (8, 1), (0, 20)])
+def test_scatter_round_trip_touches_only_its_tokens(kind, start, n):
+    layout = layout_for(kind)
+    source = make_caches(kind, seed=1)
+    target = make_caches(kind, seed=2)
+    before = [c.clone() for c in target]
+    src_ids, dst_ids = torch.tensor([1, 3, 5, 7, 9]), torch.tensor([8, 6, 4, 2, 0])
+    kv = PagedKV(kind, layout, source, BS).gather(src_ids, start, start + n)
+    dst = PagedKV(kind, layout, target, BS)
+    dst.scatter(dst_ids, start, kv)
+    assert torch.equal(dst.gather(dst_ids, start, start + n), kv)
+    # every other token of the target is untouched
+    other = torch.tensor([b for b in range(10) if b not in dst_ids.tolist()])
+    check = PagedKV(kind, layout, before, BS)
+    assert torch.equal(dst.gather(other, 0, len(other) * BS), check.gather(other, 0, len(other) * BS))
+    written = {(int(dst_ids[t // BS]), t % BS) for t in range(start, start + n)}
+    for b in dst_ids.tolist():
+        for off in range(BS):
+            if (b, off) not in written:
+                pos = torch.tensor([b])
+                assert torch.equal(dst.gather(pos, 0, BS)[:, :, off], check.gather(pos, 0, BS)[:, :, off]), (b, off)
+
+
+def test_bad_inputs():
+    caches = make_caches("cpu")
+    with pytest.raises(LayoutError, match="not the cpu layout"):
+        PagedKV("cpu", KVLayout(3, 2, 16, torch.bfloat16), caches, BS)
+    with pytest.raises(LayoutError, match="unknown paged layout"):
+        PagedKV("paged", MHA, caches, BS)
+    with pytest.raises(LayoutError, match="does not match an MHA"):
+        PagedKV("mla", MHA, make_caches("mla"), BS)
+    paged = PagedKV("cpu", MHA, caches, BS)
+    with pytest.raises(LayoutError, match="not a multiple of the block size"):
+        paged.gather(torch.tensor([1, 2]), 2, 6)
+    with pytest.raises(LayoutError, match="the request has 2"):
+        paged.gather(torch.tensor([1, 2]), 0, 12)
+    with pytest.raises(LayoutError, match="dtype"):
+        paged.scatter(torch.tensor([1, 2]), 0, torch.zeros(MHA.shape(8)))
