@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="the built-in model", description="Manage the built-in model.")
     model_sub = model.add_subparsers(dest="action", metavar="ACTION", required=True)
     export = model_sub.add_parser("export", help="write it as a plain Hugging Face folder and print the path")
-    export.add_argument("--dest", help="target folder (default: ~/.cache/kvtier/models/smollm2-135m-instruct)")
+    export.add_argument("--dest", help="target folder (default: ~/.cache/kvtier/models/smollm2-135m-instruct-*)")
 
     inspect = sub.add_parser("inspect", help="summarize (and verify) the objects of a disk tier",
                              description="Count the objects of a disk tier directory per namespace; with "

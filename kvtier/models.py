@@ -43,9 +43,19 @@ def cache_root() -> Path:
     return Path(base) / "kvtier" / "models"
 
 
+def default_export_dir() -> Path:
+    """Where the built-in model is exported: one folder per transformers major version, because
+    config.json and tokenizer_config.json written by one major version mislead the other (RoPE
+    settings, tokenizer class)."""
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    return cache_root() / f"{DEFAULT_MODEL}-transformers{major}"
+
+
 def export_default_model(dest: str | os.PathLike[str] | None = None) -> Path:
     """Export the built-in model once as a plain HF folder (model + tokenizer); return the folder."""
-    folder = Path(dest) if dest is not None else cache_root() / DEFAULT_MODEL
+    folder = Path(dest) if dest is not None else default_export_dir()
     if all((folder / name).is_file() for name in _EXPORT_FILES):
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -111,6 +121,6 @@ def model_id_of(model: Any, name: str | None = None) -> str:
     if name:
         return name
     path = str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
-    if Path(path).resolve() == (cache_root() / DEFAULT_MODEL).resolve():
+    if Path(path).resolve() == default_export_dir().resolve():
         return DEFAULT_MODEL  # the same id on every machine, wherever the cache folder is
     return path
