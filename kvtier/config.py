@@ -116,6 +116,12 @@ class Config:
 
         return build([(source, False, flatten(data, source))])
 
+    def merged(self, overrides: Mapping[str, Any], source: str = "overrides") -> Config:
+        """A copy with `overrides` (nested like the YAML file) applied and validated."""
+        from kvtier.config_load import build
+
+        return build([("base", False, flatten(self.to_dict(), "base")), (source, False, flatten(overrides, source))])
+
     def to_dict(self) -> dict[str, Any]:
         """Return the config as a nested dict, the shape of the YAML file."""
         return dataclasses.asdict(self)

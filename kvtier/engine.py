@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -62,6 +63,7 @@ class CacheEngine:
         self.chain = chain if chain is not None else build_chain(self.config, layout)
         self._memo: OrderedDict[tuple[int, bytes], list[Chunk]] = OrderedDict()
         self._memo_lock = threading.Lock()
+        self.counters = EngineCounters()
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-prefetch")
         self._closed = False
 
@@ -89,7 +91,11 @@ class CacheEngine:
         """How many leading tokens of `tokens` are available in some tier."""
         chunks = self.chunks(tokens)
         n = self.chain.lookup([c.key for c in chunks])
-        return chunks[n - 1].end if n else 0
+        hit = chunks[n - 1].end if n else 0
+        self.counters.lookups += 1
+        self.counters.lookup_tokens += len(tokens)
+        self.counters.lookup_hit_tokens += hit
+        return hit
 
     def store(self, tokens: Any, kv: torch.Tensor, start: int = 0) -> int:
         """Store `kv`, the canonical KV of tokens[start:start + kv.shape[2]]; return tokens newly stored.
@@ -123,6 +129,7 @@ class CacheEngine:
             self.layout.check(kv, chunk.num_tokens)
             self.chain.store(chunk.key, kv)
             stored += chunk.num_tokens
+        self.counters.stored_tokens += stored
         return stored
 
     def retrieve(self, tokens: Any, max_tokens: int | None = None) -> torch.Tensor:
@@ -136,21 +143,34 @@ class CacheEngine:
         return out
 
     def retrieve_into(
-        self, tokens: Any, scatter: Scatter, max_tokens: int | None = None, chunks: list[Chunk] | None = None
+        self,
+        tokens: Any,
+        scatter: Scatter,
+        max_tokens: int | None = None,
+        chunks: list[Chunk] | None = None,
+        start: int = 0,
     ) -> int:
-        """Call `scatter(lo, hi, kv)` for each chunk of the longest cached prefix; return its length.
+        """Call `scatter(lo, hi, kv)` for each cached chunk of tokens [start, max_tokens); return the
+        end of what was delivered (`start` when nothing was).
 
-        `kv` belongs to the cache: copy from it inside `scatter`, never keep or modify it.
-        At most `max_tokens` tokens are delivered (the last chunk is cut to fit).
+        Chunks are delivered in order and stop at the first one not cached. The first chunk is cut
+        to begin at `start` and the last to end at `max_tokens`. `kv` belongs to the cache: copy
+        from it inside `scatter`, never keep or modify it.
         """
         chunks = self.chunks(tokens) if chunks is None else chunks
-        limit = len(chunks) if max_tokens is None else sum(1 for c in chunks if c.start < max_tokens)
-        delivered = 0
-        with self.chain.fetch([c.key for c in chunks[:limit]]) as tensors:
-            for chunk, kv in zip(chunks, tensors, strict=False):  # tensors may stop early
+        stop = len(chunks) if max_tokens is None else sum(1 for c in chunks if c.start < max_tokens)
+        first = sum(1 for c in chunks[:stop] if c.end <= start)
+        wanted = chunks[first:stop]
+        delivered = start
+        with self.chain.fetch([c.key for c in wanted]) as tensors:
+            for chunk, kv in zip(wanted, tensors, strict=False):  # tensors may stop early
+                lo = max(chunk.start, start)
                 hi = chunk.end if max_tokens is None else min(chunk.end, max_tokens)
-                scatter(chunk.start, hi, kv if hi == chunk.end else kv[:, :, : hi - chunk.start])
+                if lo != chunk.start or hi != chunk.end:
+                    kv = kv[:, :, lo - chunk.start : hi - chunk.start]
+                scatter(lo, hi, kv)
                 delivered = hi
+        self.counters.retrieved_tokens += delivered - start
         return delivered
 
     def prefetch(self, tokens: Any) -> Future[int]:
@@ -179,14 +199,25 @@ class CacheEngine:
         self.chain.close()
 
     def stats(self) -> dict[str, Any]:
-        """Counters of every tier and writer."""
-        return self.chain.stats()
+        """Counters of the engine ("engine") and of every tier and writer."""
+        return {"engine": asdict(self.counters), **self.chain.stats()}
 
     def __enter__(self) -> CacheEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(slots=True)
+class EngineCounters:
+    """Token-level counters of one engine (monotonic)."""
+
+    lookups: int = 0
+    lookup_tokens: int = 0  # tokens looked up
+    lookup_hit_tokens: int = 0  # of those, found cached
+    retrieved_tokens: int = 0  # tokens delivered by retrieve / retrieve_into
+    stored_tokens: int = 0  # tokens newly stored
 
 
 def _log_failure(future: Future[Any]) -> None:

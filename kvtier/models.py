@@ -120,7 +120,12 @@ def model_id_of(model: Any, name: str | None = None) -> str:
     """A stable model id for key namespaces: the given name, else the config's name or path."""
     if name:
         return name
-    path = str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
-    if Path(path).resolve() == default_export_dir().resolve():
-        return DEFAULT_MODEL  # the same id on every machine, wherever the cache folder is
-    return path
+    return model_id_for(str(getattr(model.config, "_name_or_path", "") or model.config.model_type))
+
+
+def model_id_for(name_or_path: str) -> str:
+    """The key-namespace id of a model folder or hub id: the built-in model's export folder is
+    DEFAULT_MODEL on every machine, wherever the cache folder is."""
+    if name_or_path and Path(name_or_path).resolve() == default_export_dir().resolve():
+        return DEFAULT_MODEL
+    return name_or_path

@@ -147,3 +147,11 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_merged_overrides():
+    cfg = Config.from_dict({"chunk_size": 128, "l1": {"size": "1GiB"}})
+    out = cfg.merged({"l1": {"policy": "lfu"}, "disk": {"path": "/tmp/m"}}, "extra")
+    assert (out.chunk_size, out.l1.size, out.l1.policy, out.disk.path) == (128, GiB, "lfu", "/tmp/m")
+    with pytest.raises(ConfigError, match=r"unknown key 'l1.sise' in extra"):
+        cfg.merged({"l1": {"sise": 1}}, "extra")

@@ -155,3 +155,15 @@ def test_eviction_in_l1_falls_back_to_disk(tmp_path):
         assert eng.chain.l1.stats.objects == 2
         assert torch.equal(eng.retrieve(tokens(80)), kv)  # 5 chunks through a 2-chunk L1
         eng.chain.l1.check()
+
+
+def test_retrieve_into_from_an_offset(tmp_path):
+    with engine(tmp_path) as eng:
+        kv = random_kv(LAYOUT, 64)
+        eng.store(tokens(64), kv)
+        parts = []
+        got = eng.retrieve_into(tokens(64), lambda lo, hi, t: parts.append((lo, hi, t.clone())), 56, start=24)
+        assert got == 56
+        assert [(lo, hi) for lo, hi, _ in parts] == [(24, 32), (32, 48), (48, 56)]
+        assert all(torch.equal(t, kv[:, :, lo:hi]) for lo, hi, t in parts)
+        assert eng.retrieve_into(tokens(64, 1), lambda *a: None, start=16) == 16  # nothing cached

@@ -1,0 +1,134 @@
+"""Scheduler-side bookkeeping of the vLLM connector: which token ranges to load and to store.
+
+Pure data, no tensors and no vLLM imports, so the rules are unit-testable on their own. The
+scheduler asks `matched_tokens` during scheduling, `on_alloc` after blocks were allocated, and
+`build` once per step; the result travels to the workers as connector metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class LoadSpec:
+    """Load cached KV of tokens [start, end) of a request into its blocks."""
+
+    req_id: str
+    tokens: list[int]  # the prompt the lookup saw: its chunks (a partial last one too) name the KV
+    block_ids: list[int]
+    start: int
+    end: int
+
+
+@dataclass(slots=True)
+class StoreSpec:
+    """Store the KV of tokens [start, end) (start chunk-aligned) of a request from its blocks."""
+
+    req_id: str
+    tokens: list[int]
+    block_ids: list[int]
+    start: int
+    end: int
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """Everything the workers do for one scheduler step."""
+
+    loads: list[LoadSpec] = field(default_factory=list)
+    stores: list[StoreSpec] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Request:
+    tokens: Callable[[], Sequence[int]]  # current token ids (prompt, then generated)
+    prompt_len: int
+    block_ids: list[int] = field(default_factory=list)
+    external: int = 0  # tokens to load when the request is next scheduled
+    stored: int = 0  # tokens [0, stored) were stored (or found cached)
+
+
+class Planner:
+    """Decides loads and stores; `lookup(tokens) -> cached leading tokens` is the only dependency."""
+
+    def __init__(
+        self,
+        lookup: Callable[[Sequence[int]], int],
+        block_size: int,
+        chunk_size: int,
+        save_partial: bool = True,
+        save_decode: bool = False,
+    ) -> None:
+        if chunk_size % block_size:
+            raise ValueError(
+                f"chunk_size {chunk_size} is not a multiple of the engine's block size {block_size}; "
+                f"use a multiple such as {block_size * max(1, chunk_size // block_size)}"
+            )
+        self.lookup = lookup
+        self.block_size = block_size
+        self.chunk_size = chunk_size
+        self.save_partial = save_partial
+        self.save_decode = save_decode
+        self.requests: dict[str, _Request] = {}
+
+    def matched_tokens(self, req_id: str, tokens: Sequence[int], num_computed: int) -> int:
+        """Tokens beyond `num_computed` that the cache can provide, block-aligned (side-effect free)."""
+        # The engine must compute at least the last prompt token itself, to sample from its logits.
+        usable = min(self.lookup(tokens), len(tokens) - 1)
+        usable -= usable % self.block_size
+        return max(0, usable - num_computed)
+
+    def on_alloc(self, req_id: str, tokens: Callable[[], Sequence[int]], prompt_len: int, num_external: int) -> None:
+        """Remember the request and how many tokens after its locally computed ones to load."""
+        state = self.requests.setdefault(req_id, _Request(tokens, prompt_len))
+        state.external = num_external
+
+    def schedule(
+        self, req_id: str, block_ids: list[int] | None, replace: bool, num_computed: int, num_scheduled: int
+    ) -> StepPlan:
+        """The loads and stores of one request scheduled in this step.
+
+        `num_computed` counts the tokens whose KV is in the request's blocks before this step's
+        forward pass (local prefix-cache hits plus tokens the connector loads); `num_scheduled`
+        the tokens the step computes.
+        """
+        plan = StepPlan()
+        state = self.requests.get(req_id)
+        if state is None:
+            return plan
+        if block_ids is not None:
+            state.block_ids = list(block_ids) if replace else state.block_ids + list(block_ids)
+        tokens = state.tokens()
+        if state.external:
+            start, end = num_computed - state.external, num_computed
+            prompt = list(tokens[: state.prompt_len])
+            plan.loads.append(LoadSpec(req_id, prompt, list(state.block_ids), start, end))
+            state.external = 0
+            state.stored = max(state.stored, _floor(end, self.chunk_size))
+        store = self._store_range(state, len(tokens), num_computed + num_scheduled)
+        if store is not None:
+            start, end = store
+            plan.stores.append(StoreSpec(req_id, list(tokens[:end]), list(state.block_ids), start, end))
+            state.stored = end
+        return plan
+
+    def _store_range(self, state: _Request, num_tokens: int, computed: int) -> tuple[int, int] | None:
+        limit = min(computed, num_tokens if self.save_decode else state.prompt_len)
+        end = _floor(limit, self.chunk_size)
+        prompt_done = computed >= state.prompt_len
+        if self.save_partial and prompt_done and not self.save_decode and limit == state.prompt_len:
+            end = limit  # the prompt's trailing partial chunk
+        start = _floor(state.stored, self.chunk_size)
+        if end <= state.stored or end <= start:
+            return None
+        return start, end
+
+    def finished(self, req_id: str) -> None:
+        """Forget a finished request."""
+        self.requests.pop(req_id, None)
+
+
+def _floor(n: int, multiple: int) -> int:
+    return n - n % multiple

@@ -1,0 +1,120 @@
+"""Worker side of the vLLM connector: loads planned ranges into paged KV memory and stores new chunks.
+
+A failed or partial load never raises into vLLM: the blocks it could not fill are reported
+through `take_load_errors()`, and vLLM recomputes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from kvtier.adapters.paged import PagedKV
+from kvtier.engine import CacheEngine
+from kvtier.errors import LayoutError
+from kvtier.integration.vllm.plan import LoadSpec, StepPlan, StoreSpec
+
+log = logging.getLogger("kvtier.vllm.worker")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_order(names: list[str]) -> list[str]:
+    """Layer names sorted by the first number in them ("model.layers.10.self_attn.attn" -> 10)."""
+
+    def index(name: str) -> tuple[int, str]:
+        match = _LAYER_INDEX.search(name)
+        return (int(match.group(1)) if match else -1, name)
+
+    return sorted(names, key=index)
+
+
+def detect_kind(cache: torch.Tensor, head_dim: int, block_size: int, mla: bool) -> str:
+    """Which paged layout a layer's KV tensor uses, from its shape."""
+    if mla and cache.dim() == 3:
+        return "mla"
+    if cache.dim() == 4 and cache.shape[-1] == 2 * head_dim:
+        return "cpu"
+    if cache.dim() == 5 and cache.shape[0] == 2:
+        return "flash_nhd" if cache.shape[2] == block_size else "flash_hnd"
+    if cache.dim() == 5 and cache.shape[1] == 2:
+        return "flashinfer"
+    raise LayoutError(f"unsupported vLLM KV cache shape {tuple(cache.shape)} (block size {block_size})")
+
+
+class Worker:
+    """Moves KV between one worker's paged memory and a CacheEngine."""
+
+    def __init__(self, engine: CacheEngine, block_size: int) -> None:
+        self.engine = engine
+        self.block_size = block_size
+        self.paged: PagedKV | None = None
+        self._load_errors: set[int] = set()
+        self.loaded_tokens = 0
+        self.stored_tokens = 0
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Adopt vLLM's per-layer KV tensors (in layer order)."""
+        layout = self.engine.layout
+        caches = [kv_caches[name] for name in layer_order(list(kv_caches))]
+        kind = detect_kind(caches[0], layout.head_dim, self.block_size, layout.mla)
+        self.paged = PagedKV(kind, layout, caches, self.block_size)
+        log.info("registered %d layers of %s paged KV (block size %d)", len(caches), kind, self.block_size)
+
+    def load(self, plan: StepPlan) -> None:
+        """Fill the planned ranges; blocks that could not be filled go to the load errors."""
+        for spec in plan.loads:
+            try:
+                got = self._load(spec)
+            except Exception:  # a cache failure must never crash the engine: vLLM recomputes
+                log.exception("loading %s tokens [%d, %d) failed", spec.req_id, spec.start, spec.end)
+                got = spec.start
+            if got < spec.end:
+                first = got // self.block_size
+                last = -(-spec.end // self.block_size)
+                self._load_errors.update(spec.block_ids[first:last])
+                log.warning("%s: loaded %d of %d tokens; vLLM recomputes the rest", spec.req_id,
+                            got - spec.start, spec.end - spec.start)  # fmt: skip
+            self.loaded_tokens += got - spec.start
+            log.info("%s: loaded %d tokens [%d, %d) from the cache", spec.req_id, got - spec.start, spec.start, got)
+
+    def _load(self, spec: LoadSpec) -> int:
+        paged = self._paged()
+        ids = torch.tensor(spec.block_ids, dtype=torch.long)
+        got = spec.start
+
+        def scatter(lo: int, hi: int, kv: torch.Tensor) -> None:
+            nonlocal got
+            paged.scatter(ids, lo, kv)
+            got = hi
+
+        self.engine.retrieve_into(spec.tokens, scatter, max_tokens=spec.end, start=spec.start)
+        return got
+
+    def save(self, plan: StepPlan) -> None:
+        """Store the planned ranges' chunks that the cache does not hold yet."""
+        for spec in plan.stores:
+            try:
+                self.stored_tokens += self._save(spec)
+            except Exception:  # a failed store is a future miss, never an engine error
+                log.exception("storing %s tokens [%d, %d) failed", spec.req_id, spec.start, spec.end)
+
+    def _save(self, spec: StoreSpec) -> int:
+        paged = self._paged()
+        ids = torch.tensor(spec.block_ids, dtype=torch.long)
+
+        def gather(lo: int, hi: int) -> torch.Tensor:
+            return paged.gather(ids, lo, hi).to("cpu").contiguous()
+
+        return self.engine.store_chunks(spec.tokens, gather, spec.start, spec.end)
+
+    def take_load_errors(self) -> set[int]:
+        """Block ids whose load failed since the last call."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def _paged(self) -> PagedKV:
+        if self.paged is None:
+            raise LayoutError("the connector has no KV caches registered yet")
+        return self.paged

@@ -1,0 +1,125 @@
+"""KVTierConnector in the real vLLM CPU engine: reuse across processes, identical greedy outputs.
+
+Every engine runs in its own process (tests/integration/vllm_runner.py), as separate vLLM
+instances would; each test compares against a run of the same rounds without the connector.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
+]
+RUNNER = Path(__file__).with_name("vllm_runner.py")
+CORPUS = Path(__file__).parents[2] / "benchmarks" / "data" / "pride-and-prejudice-opening.txt"
+LOADED = re.compile(r"loaded (\d+) tokens \[")
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[int]:
+    from transformers import AutoTokenizer
+
+    from kvtier.models import export_default_model
+
+    tokenizer = AutoTokenizer.from_pretrained(export_default_model())
+    return tokenizer(CORPUS.read_text(), add_special_tokens=False).input_ids
+
+
+def run(tmp_path: Path, rounds: list[list[list[int]]], disk: Path | None = None, **flags) -> dict:
+    """Run the rounds in a new vLLM process; return outputs, stats and tokens loaded per request."""
+    prompts = tmp_path / f"prompts-{len(list(tmp_path.iterdir()))}.json"
+    prompts.write_text(json.dumps(rounds))
+    cmd = [sys.executable, str(RUNNER), str(prompts)]
+    if disk is not None:
+        cmd += ["--disk", str(disk)]
+    for flag, value in flags.items():
+        cmd += [f"--{flag.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-4000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result["loaded"] = [int(n) for n in LOADED.findall(done.stderr)]
+    result["stderr"] = done.stderr
+    return result
+
+
+def test_second_instance_reuses_the_first_ones_kv(tmp_path, corpus):
+    prompt = corpus[:3000]
+    disk = tmp_path / "disk"
+    first = run(tmp_path, [[prompt]], disk)
+    assert first["stats"]["engine"]["stored_tokens"] == 3000
+    second = run(tmp_path, [[prompt]], disk)
+    plain = run(tmp_path, [[prompt]])
+    assert sum(second["loaded"]) >= 0.9 * 3000, second["loaded"]
+    assert second["stats"]["l2"]["hits"] >= 11
+    assert second["outputs"] == first["outputs"] == plain["outputs"]
+
+
+def test_shared_prefixes_short_prompts_and_whole_chunks(tmp_path, corpus):
+    long = corpus[:1300]
+    rounds = [
+        [long, corpus[5000:5050], corpus[6000:6512]],
+        # shares 1,000 tokens with `long`; shorter than a block; exactly two chunks again
+        [long[:1000] + corpus[7000:7200], corpus[5000:5050], corpus[6000:6512]],
+    ]
+    cached = run(tmp_path, rounds, tmp_path / "disk")
+    plain = run(tmp_path, rounds)
+    assert cached["outputs"] == plain["outputs"]
+    # round 2: the 3 whole chunks (768 tokens) of the shared prefix; nothing for the 50-token
+    # prompt; the 512-token prompt up to its last block (its last token is always computed)
+    assert sorted(cached["loaded"]) == [384, 768]
+
+
+def test_batch_of_eight_with_hits_and_misses(tmp_path, corpus):
+    first = [corpus[i * 700 : i * 700 + 600] for i in range(4)]
+    fresh = [corpus[3000 + i * 500 : 3000 + i * 500 + 450] for i in range(4)]
+    rounds = [first, [p for pair in zip(first, fresh, strict=True) for p in pair]]
+    cached = run(tmp_path, rounds, tmp_path / "disk")
+    plain = run(tmp_path, rounds)
+    assert cached["outputs"] == plain["outputs"]
+    assert len(cached["loaded"]) == 4 and all(n == 512 for n in cached["loaded"])
+
+
+def test_multiprocess_mode_scheduler_and_worker_apart(tmp_path, corpus):
+    prompt = corpus[:2000]
+    rounds = [[prompt], [prompt]]
+    cached = run(tmp_path, rounds, tmp_path / "disk", mp=True)
+    plain = run(tmp_path, rounds, mp=True)
+    assert cached["outputs"] == plain["outputs"]
+    assert cached["stats"] is None  # the worker is another process; its log says what it loaded
+    assert cached["loaded"] == [1920]
+
+
+def test_corrupt_object_is_recomputed(tmp_path, corpus):
+    prompt = corpus[:2000]
+    disk = tmp_path / "disk"
+    run(tmp_path, [[prompt]], disk)
+    files = sorted(disk.rglob("*.kv"), key=lambda p: p.stat().st_mtime)
+    victim = files[3]  # the fourth chunk: tokens 768..1024
+    data = bytearray(victim.read_bytes())
+    data[5000] ^= 0xFF
+    victim.write_bytes(data)
+    cached = run(tmp_path, [[prompt]], disk)
+    plain = run(tmp_path, [[prompt]])
+    assert cached["outputs"] == plain["outputs"]
+    assert "deleting corrupt object" in cached["stderr"]
+    assert cached["stats"]["l2"]["corrupt"] == 1
+
+
+def test_vllm_prefix_cache_hits_are_not_loaded_again(tmp_path, corpus):
+    prompt = corpus[:1500]
+    rounds = [[prompt], [prompt]]
+    cached = run(tmp_path, rounds, tmp_path / "disk", prefix_caching=True)
+    plain = run(tmp_path, rounds, prefix_caching=True)
+    assert cached["outputs"] == plain["outputs"]
+    assert cached["loaded"] == []  # round 2 was served by vLLM's own prefix cache
+    assert cached["stats"]["engine"]["lookup_hit_tokens"] >= 1280

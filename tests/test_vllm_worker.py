@@ -1,0 +1,69 @@
+"""The vLLM connector's worker side on synthetic paged caches (CPU layout): store, load, load errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier import CacheEngine, Config, KVLayout
+from kvtier.adapters.paged import PagedKV, expected_shape
+from kvtier.errors import LayoutError
+from kvtier.integration.vllm.plan import LoadSpec, StepPlan, StoreSpec
+from kvtier.integration.vllm.worker import Worker, detect_kind, layer_order
+
+LAYOUT = KVLayout(3, 2, 8, torch.bfloat16)
+BLOCK, CHUNK = 4, 8
+
+
+def caches(seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = expected_shape("cpu", LAYOUT, 12, BLOCK)
+    return {f"model.layers.{i}.self_attn.attn": torch.randn(shape, generator=gen).to(LAYOUT.dtype) for i in range(3)}
+
+
+def make_worker(tmp_path, seed):
+    engine = CacheEngine(Config.from_dict({"chunk_size": CHUNK, "disk": {"path": str(tmp_path)}}), LAYOUT, "m")
+    worker = Worker(engine, BLOCK)
+    kv = caches(seed)
+    worker.register(kv)
+    return worker, kv
+
+
+def test_store_then_load_into_other_blocks(tmp_path):
+    tokens = list(range(100, 120))
+    src, src_kv = make_worker(tmp_path, seed=1)
+    src.save(StepPlan(stores=[StoreSpec("a", tokens, [3, 7, 1, 9, 5], 0, 20)]))
+    src.engine.flush()
+    dst, dst_kv = make_worker(tmp_path, seed=2)  # another process: an empty L1, the same disk
+    dst.load(StepPlan(loads=[LoadSpec("b", tokens, [0, 2, 4, 6, 8], 0, 16)]))
+    assert dst.take_load_errors() == set()
+    want = PagedKV("cpu", LAYOUT, [src_kv[k] for k in layer_order(list(src_kv))], BLOCK)
+    got = PagedKV("cpu", LAYOUT, [dst_kv[k] for k in layer_order(list(dst_kv))], BLOCK)
+    assert torch.equal(got.gather(torch.tensor([0, 2, 4, 6]), 0, 16), want.gather(torch.tensor([3, 7, 1, 9]), 0, 16))
+    assert dst.loaded_tokens == 16
+
+
+def test_missing_chunks_are_reported_as_load_errors(tmp_path):
+    tokens = list(range(100, 124))
+    src, _ = make_worker(tmp_path, seed=1)
+    src.save(StepPlan(stores=[StoreSpec("a", tokens, list(range(6)), 0, 24)]))
+    src.engine.flush()
+    second = src.engine.chunks(tokens)[1].key
+    for tier in src.engine.chain.tiers:
+        tier.delete(second)
+    src.load(StepPlan(loads=[LoadSpec("b", tokens, [6, 7, 8, 9, 10, 11], 0, 20)]))
+    assert src.take_load_errors() == {8, 9, 10}  # tokens 8..20 live in blocks 8, 9, 10
+    assert src.take_load_errors() == set()
+
+
+def test_layer_order_and_layout_detection():
+    assert layer_order(["m.layers.10.attn", "m.layers.2.attn", "m.layers.1.attn"]) == [
+        "m.layers.1.attn", "m.layers.2.attn", "m.layers.10.attn",
+    ]  # fmt: skip
+    assert detect_kind(torch.empty(5, 2, 4, 16), 8, 4, False) == "cpu"
+    assert detect_kind(torch.empty(2, 5, 4, 2, 8), 8, 4, False) == "flash_nhd"
+    assert detect_kind(torch.empty(2, 5, 2, 4, 8), 8, 4, False) == "flash_hnd"
+    assert detect_kind(torch.empty(5, 2, 4, 2, 8), 8, 4, False) == "flashinfer"
+    assert detect_kind(torch.empty(5, 4, 576), 576, 4, True) == "mla"
+    with pytest.raises(LayoutError, match="unsupported vLLM KV cache shape"):
+        detect_kind(torch.empty(5, 4), 8, 4, False)
