@@ -31,13 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "once without and once with kvtier; compare TTFT and answers; then show a new "
                           "process hitting the disk tier.")  # fmt: skip
     demo.add_argument("--model", help="local folder or hub id (default: the built-in SmolLM2-135M-Instruct)")
-    demo.add_argument("--engine", choices=["hf"], default="hf", help="serving engine (default: hf)")
+    demo.add_argument("--engine", choices=["auto", "hf", "vllm"], default="auto",
+                      help="serving engine (default: vllm when it is installed, else hf transformers)")  # fmt: skip
     demo.add_argument("--disk-path", help="disk tier directory (default: ~/.cache/kvtier/demo-disk)")
     demo.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per answer (default: 32)")
     demo.add_argument("--questions", type=int, default=3, choices=[1, 2, 3], help="how many questions (default: 3)")
     demo.add_argument("--keep-cache", action="store_true", help="do not clear the disk tier first")
     demo.add_argument("--no-restart", action="store_true", help="skip the second (restarted) process")
     demo.add_argument("--restart-check", help=argparse.SUPPRESS)
+    demo.add_argument("--vllm-phase", help=argparse.SUPPRESS)
 
     sub.add_parser("config", help="print the effective configuration as YAML",
                    description="Print the configuration kvtier would use here, after reading KVTIER_CONFIG, "
@@ -60,15 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from kvtier.demo import hf_demo
-
-        if args.restart_check:
-            return hf_demo.restart_check(args.restart_check)
-        opts = hf_demo.DemoOptions(
-            model=args.model, disk_path=args.disk_path, max_new_tokens=args.max_new_tokens,
-            questions=args.questions, keep_cache=args.keep_cache, restart=not args.no_restart,
-        )  # fmt: skip
-        return hf_demo.run(opts)
+        return _demo(args)
     if args.command == "config":
         import yaml
 
@@ -87,6 +81,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return inspect_disk(args.path, verify=args.verify, delete_corrupt=args.delete_corrupt)
     build_parser().print_help()
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from kvtier.demo import hf_demo
+
+    if args.restart_check:
+        return hf_demo.restart_check(args.restart_check)
+    if args.vllm_phase:
+        from kvtier.demo import vllm_demo
+
+        return vllm_demo.phase(args.vllm_phase)
+    opts = hf_demo.DemoOptions(
+        model=args.model, disk_path=args.disk_path, max_new_tokens=args.max_new_tokens,
+        questions=args.questions, keep_cache=args.keep_cache, restart=not args.no_restart,
+    )  # fmt: skip
+    engine = args.engine
+    if engine == "auto":
+        engine = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if engine == "vllm":
+        from kvtier.demo import vllm_demo
+
+        return vllm_demo.run(opts)
+    return hf_demo.run(opts)
 
 
 if __name__ == "__main__":

