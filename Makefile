@@ -39,7 +39,7 @@ test-compat:
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(if $(TORCH),$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH)")
 	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[hf,dev]" "transformers>=4.45,<5"
-	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/integration
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/integration/test_hf.py
 
 bench: install
 	$(BIN)/python -m benchmarks.tiers

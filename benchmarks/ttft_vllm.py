@@ -112,12 +112,15 @@ def worker(name: str, sizes: list[int], root: str) -> None:
         )  # fmt: skip
     model = str(export_default_model())
     ids = AutoTokenizer.from_pretrained(model)(CORPUS.read_text(), add_special_tokens=False).input_ids
-    llm = LLM(model=model, max_model_len=8192, enable_prefix_caching=prefix_caching, enforce_eager=True,
-              dtype=DTYPE, disable_log_stats=False, seed=0, **kwargs)  # fmt: skip
+    # one prefill step per prompt in every row: ExampleConnector saves only a request's first step
+    llm = LLM(model=model, max_model_len=8192, max_num_batched_tokens=8192, enable_prefix_caching=prefix_caching,
+              enforce_eager=True, dtype=DTYPE, disable_log_stats=False, seed=0, **kwargs)  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
     out: dict[str, Any] = {}
-    for n in sizes:
-        prompt = TokensPrompt(prompt_token_ids=ids[:n])
+    offset = 0
+    for n in sizes:  # disjoint prompts: ExampleConnector mixes up prompts that prefix each other
+        prompt = TokensPrompt(prompt_token_ids=ids[offset : offset + n])
+        offset += n
         ttfts, tokens = [], []
         for _ in range(requests):
             result = llm.generate([prompt], params, use_tqdm=False)[0]

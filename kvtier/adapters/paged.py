@@ -129,6 +129,6 @@ class PagedKV:
             src = kv[:, layer]  # [planes, T, h, d]
             if full:
                 blocks = src[:, : full * bs].reshape(planes, full, bs, *src.shape[2:]).transpose(0, 1)
-                view.index_copy_(0, ids[:full], blocks.contiguous())
+                view.index_copy_(0, ids[:full], blocks)
             if tail < bs:
                 view[ids[full], :, :tail] = src[:, full * bs :]
