@@ -117,4 +117,4 @@ def phase(job_path: str) -> int:
 def _retrieved() -> int:
     from kvtier.integration.vllm import setup
 
-    return sum(engine.counters.retrieved_tokens for engine, _ in setup._engines.values())
+    return sum(engine.counters.retrieved_tokens for engine in setup.engines())

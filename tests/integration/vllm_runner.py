@@ -62,7 +62,7 @@ def _engine_stats() -> dict | None:
     """The in-process kvtier engine's counters (None when the worker runs in another process)."""
     from kvtier.integration.vllm import setup
 
-    for engine, _ in setup._engines.values():
+    for engine in setup.engines():
         engine.flush()
         return engine.stats()
     return None

@@ -90,6 +90,12 @@ def acquire_engine(settings: ConnectorSettings, rank: int) -> CacheEngine:
         return engine
 
 
+def engines() -> list[CacheEngine]:
+    """The engines this process's connectors use (for counters and tests)."""
+    with _lock:
+        return [engine for engine, _ in _engines.values()]
+
+
 def release_engine(engine: CacheEngine) -> None:
     """Drop one user of `engine`; the last one flushes and closes it."""
     with _lock:
