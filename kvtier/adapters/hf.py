@@ -47,17 +47,6 @@ def install_layer(cache: Any, layer: int, k: torch.Tensor, v: torch.Tensor) -> N
         cache.update(k, v, layer)
 
 
-def cache_from_canonical(model: Any, kv: torch.Tensor, layout: KVLayout) -> Any:
-    """A DynamicCache holding canonical KV `kv` (`[2, L, T, H, D]`) for batch size 1."""
-    layout.check(kv)
-    cache = new_cache(model)
-    for layer in range(layout.num_layers):
-        k = kv[0, layer].transpose(0, 1).unsqueeze(0).contiguous()
-        v = kv[1, layer].transpose(0, 1).unsqueeze(0).contiguous()
-        install_layer(cache, layer, k, v)
-    return cache
-
-
 def load_prefix(model: Any, engine: CacheEngine, tokens: Any, num_tokens: int) -> tuple[Any, int]:
     """A DynamicCache with the cached KV of up to `num_tokens` leading tokens, and how many it holds."""
     layout = engine.layout

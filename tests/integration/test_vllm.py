@@ -52,6 +52,14 @@ def run(tmp_path: Path, rounds: list[list[list[int]]], disk: Path | None = None,
     return result
 
 
+def run_matching_plain(tmp_path: Path, rounds: list[list[list[int]]], disk: Path, **flags) -> dict:
+    """Run the rounds with the connector, then without; require identical outputs; return the first."""
+    cached = run(tmp_path, rounds, disk, **flags)
+    plain = run(tmp_path, rounds, **flags)
+    assert cached["outputs"] == plain["outputs"]
+    return cached
+
+
 def test_second_instance_reuses_the_first_ones_kv(tmp_path, corpus):
     prompt = corpus[:3000]
     disk = tmp_path / "disk"
@@ -71,9 +79,7 @@ def test_shared_prefixes_short_prompts_and_whole_chunks(tmp_path, corpus):
         # shares 1,000 tokens with `long`; shorter than a block; exactly two chunks again
         [long[:1000] + corpus[7000:7200], corpus[5000:5050], corpus[6000:6512]],
     ]
-    cached = run(tmp_path, rounds, tmp_path / "disk")
-    plain = run(tmp_path, rounds)
-    assert cached["outputs"] == plain["outputs"]
+    cached = run_matching_plain(tmp_path, rounds, tmp_path / "disk")
     # round 2: the 3 whole chunks (768 tokens) of the shared prefix; nothing for the 50-token
     # prompt; the 512-token prompt up to its last block (its last token is always computed)
     assert sorted(cached["loaded"]) == [384, 768]
@@ -83,18 +89,14 @@ def test_batch_of_eight_with_hits_and_misses(tmp_path, corpus):
     first = [corpus[i * 700 : i * 700 + 600] for i in range(4)]
     fresh = [corpus[3000 + i * 500 : 3000 + i * 500 + 450] for i in range(4)]
     rounds = [first, [p for pair in zip(first, fresh, strict=True) for p in pair]]
-    cached = run(tmp_path, rounds, tmp_path / "disk")
-    plain = run(tmp_path, rounds)
-    assert cached["outputs"] == plain["outputs"]
+    cached = run_matching_plain(tmp_path, rounds, tmp_path / "disk")
     assert len(cached["loaded"]) == 4 and all(n == 512 for n in cached["loaded"])
 
 
 def test_multiprocess_mode_scheduler_and_worker_apart(tmp_path, corpus):
     prompt = corpus[:2000]
     rounds = [[prompt], [prompt]]
-    cached = run(tmp_path, rounds, tmp_path / "disk", mp=True)
-    plain = run(tmp_path, rounds, mp=True)
-    assert cached["outputs"] == plain["outputs"]
+    cached = run_matching_plain(tmp_path, rounds, tmp_path / "disk", mp=True)
     assert cached["stats"] is None  # the worker is another process; its log says what it loaded
     assert cached["loaded"] == [1920]
 
@@ -108,9 +110,7 @@ def test_corrupt_object_is_recomputed(tmp_path, corpus):
     data = bytearray(victim.read_bytes())
     data[5000] ^= 0xFF
     victim.write_bytes(data)
-    cached = run(tmp_path, [[prompt]], disk)
-    plain = run(tmp_path, [[prompt]])
-    assert cached["outputs"] == plain["outputs"]
+    cached = run_matching_plain(tmp_path, [[prompt]], disk)
     assert "deleting corrupt object" in cached["stderr"]
     assert cached["stats"]["l2"]["corrupt"] == 1
 
@@ -118,8 +118,6 @@ def test_corrupt_object_is_recomputed(tmp_path, corpus):
 def test_vllm_prefix_cache_hits_are_not_loaded_again(tmp_path, corpus):
     prompt = corpus[:1500]
     rounds = [[prompt], [prompt]]
-    cached = run(tmp_path, rounds, tmp_path / "disk", prefix_caching=True)
-    plain = run(tmp_path, rounds, prefix_caching=True)
-    assert cached["outputs"] == plain["outputs"]
+    cached = run_matching_plain(tmp_path, rounds, tmp_path / "disk", prefix_caching=True)
     assert cached["loaded"] == []  # round 2 was served by vLLM's own prefix cache
     assert cached["stats"]["engine"]["lookup_hit_tokens"] >= 1280

@@ -82,15 +82,9 @@ class Worker:
     def _load(self, spec: LoadSpec) -> int:
         paged = self._paged()
         ids = torch.tensor(spec.block_ids, dtype=torch.long)
-        got = spec.start
-
-        def scatter(lo: int, hi: int, kv: torch.Tensor) -> None:
-            nonlocal got
-            paged.scatter(ids, lo, kv)
-            got = hi
-
-        self.engine.retrieve_into(spec.tokens, scatter, max_tokens=spec.end, start=spec.start)
-        return got
+        return self.engine.retrieve_into(
+            spec.tokens, lambda lo, hi, kv: paged.scatter(ids, lo, kv), max_tokens=spec.end, start=spec.start
+        )
 
     def save(self, plan: StepPlan) -> None:
         """Store the planned ranges' chunks that the cache does not hold yet."""
