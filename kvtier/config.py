@@ -73,9 +73,24 @@ class RemoteConfig:
 
     url: str | None = _opt("optstr", None, "remote tier URL; unset disables it")
     codec: str = _opt("str", "raw", "codec of objects written to the remote tier")
+    lookup_timeout_ms: int = _opt("int", 50, "deadline of a remote lookup (one batched exists), milliseconds")
+    timeout_ms: int = _opt("int", 2000, "deadline of one remote get, put or delete, milliseconds")
+    connect_timeout_ms: int = _opt("int", 500, "deadline to open a connection, milliseconds")
+    max_connections: int = _opt("int", 8, "connections (or concurrent requests) to the remote")
+    backoff_ms: int = _opt("int", 250, "pause after a failure before the remote is tried again, milliseconds")
+    backoff_max_ms: int = _opt("int", 10_000, "the pause doubles per failure up to this, milliseconds")
 
     def __post_init__(self) -> None:
         _check_choice("remote.codec", self.codec, CODECS)
+        for name in ("lookup_timeout_ms", "timeout_ms", "connect_timeout_ms", "max_connections", "backoff_ms"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"remote.{name}: {getattr(self, name)} must be at least 1")
+        if self.backoff_max_ms < self.backoff_ms:
+            raise ConfigError(f"remote.backoff_max_ms: {self.backoff_max_ms} is below backoff_ms {self.backoff_ms}")
+        if self.url is not None:
+            from kvtier.storage.remote import parse_url
+
+            parse_url(self.url)
 
 
 @dataclass(frozen=True, slots=True)

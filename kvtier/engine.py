@@ -239,7 +239,11 @@ def build_chain(config: Config, layout: KVLayout) -> TierChain:
         codec = get_codec(config.codec)
         lower.append(DiskTier(config.disk.path, config.disk.size, layout, codec, config.disk.policy, config.disk.fsync))
     if config.remote.url:
-        raise ConfigError(f"remote.url: remote tiers are not available in this version ({config.remote.url})")
+        from kvtier.storage.remote import open_remote
+
+        remote = open_remote(config.remote, layout, get_codec(config.remote.codec), engine_codec=config.codec)
+        lower.append(remote)
+        log.info("remote tier: %s (codec %s)", remote.store.where, config.remote.codec)
     return TierChain(l1, lower, config.write_queue)
 
 

@@ -101,7 +101,7 @@ def check_header(header: Header, key: ChunkKey, layout: KVLayout, codec: Codec) 
         raise CorruptObjectError(f"object uses codec {CODEC_IDS.get(header.codec_id)}, expected {codec.name}")
 
 
-def check_payload(header: Header, payload: bytearray | memoryview) -> None:
+def check_payload(header: Header, payload: bytes | bytearray | memoryview) -> None:
     """Raise CorruptObjectError unless the payload has the header's length and checksum."""
     if len(payload) != header.payload_len:
         raise CorruptObjectError(f"payload is {len(payload)} bytes, header says {header.payload_len}")
@@ -125,7 +125,7 @@ def encode_object(key: ChunkKey, layout: KVLayout, codec: Codec, kv: torch.Tenso
     return pack_header(key, layout, codec, kv, payload), payload
 
 
-def decode_object(data: bytearray | memoryview, key: ChunkKey, layout: KVLayout, codec: Codec) -> torch.Tensor:
+def decode_object(data: bytes | bytearray | memoryview, key: ChunkKey, layout: KVLayout, codec: Codec) -> torch.Tensor:
     """Validate a whole stored object and decode its tensor; CorruptObjectError on any mismatch."""
     header = parse_header(data)
     check_header(header, key, layout, codec)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -22,6 +22,7 @@ class TierStats:
     evictions: int = 0  # objects removed to make room
     corrupt: int = 0  # objects that failed validation and were deleted
     errors: int = 0  # I/O or backend errors, each degraded to a miss or a failed put
+    unavailable: int = 0  # calls answered at once as a miss because the backend is marked down
     objects: int = 0  # gauge: objects held now
     bytes: int = 0  # gauge: bytes held now
 
@@ -61,6 +62,15 @@ class Tier(Protocol):
 
     def check(self) -> None:
         """Assert the tier's internal invariants (used by tests after every mutation)."""
+        ...
+
+
+@runtime_checkable
+class BatchReader(Protocol):
+    """A tier that reads several keys per round trip (remote tiers); it never raises."""
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
+        """The tensors of `keys` in order, None where a key is missing, corrupt or failed."""
         ...
 
 

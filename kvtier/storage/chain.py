@@ -18,7 +18,7 @@ import torch
 
 from kvtier.keys import ChunkKey
 from kvtier.logutil import BurstLog
-from kvtier.storage.base import Tier
+from kvtier.storage.base import BatchReader, Tier
 from kvtier.storage.cpu import CPUTier
 from kvtier.storage.writer import AsyncWriter, WriteJob
 
@@ -76,8 +76,8 @@ class TierChain:
 
     def _get_run(self, tier: Tier, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
-        for key in keys:
-            kv = self._get(tier, key)
+        got = tier.get_many(keys) if isinstance(tier, BatchReader) else (self._get(tier, k) for k in keys)
+        for key, kv in zip(keys, got, strict=False):
             if kv is None:
                 break
             if tier is not self.l1 and self.l1 is not None:

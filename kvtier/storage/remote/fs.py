@@ -1,0 +1,114 @@
+"""A shared filesystem (NFS, CephFS, a mounted volume) as a remote tier: one file per object.
+
+    fs:///mnt/shared/kvtier
+
+Files are laid out like the disk tier's (`<root>/<namespace>/<digest[:2]>/<digest>.kv`, so
+`kvtier inspect` reads both) and written to a temporary name unique to host, process and call, then
+renamed into place: readers on any machine see a whole object or none, and concurrent writers of
+one key each leave a complete object. There is no byte budget: the share's owner bounds it. Calls run
+on a small thread pool so that a hung mount costs a caller its deadline, not a stuck request.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+from urllib.parse import SplitResult
+
+from kvtier.errors import ConfigError
+from kvtier.keys import ChunkKey
+from kvtier.storage.remote.store import Buffer, StoreOptions
+
+T = TypeVar("T")
+SUFFIX = ".kv"
+
+
+class FsStore:
+    """Framed objects as files under a shared directory."""
+
+    def __init__(self, url: SplitResult, options: StoreOptions) -> None:
+        self.scheme = "fs"
+        self.root = url.path
+        self.where = f"fs://{self.root}"
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"remote.url: cannot create {self.root}: {exc.strerror or exc}") from exc
+        self._tmp_tag = f"{socket.gethostname()}.{os.getpid()}"
+        self._pool = ThreadPoolExecutor(options.max_connections, thread_name_prefix="kvtier-fs")
+
+    def _path(self, key: ChunkKey) -> str:
+        digest = key.digest.hex()
+        return os.path.join(self.root, key.namespace.hex(), digest[:2], digest + SUFFIX)
+
+    def _run(self, timeout: float, fn: Callable[[], T]) -> T:
+        return self._pool.submit(fn).result(timeout=timeout)  # TimeoutError when the mount hangs
+
+    def exists(self, keys: Sequence[ChunkKey], timeout: float) -> list[bool]:
+        def leading() -> list[bool]:
+            out = [False] * len(keys)
+            for i, key in enumerate(keys):
+                if not os.path.isfile(self._path(key)):
+                    break
+                out[i] = True
+            return out
+
+        return self._run(timeout, leading)
+
+    def get(self, keys: Sequence[ChunkKey], timeout: float) -> list[Buffer | None]:
+        return self._run(timeout, lambda: [_read(self._path(k)) for k in keys])
+
+    def put(self, key: ChunkKey, parts: Sequence[Buffer], timeout: float) -> None:
+        self._run(timeout, lambda: self._write(self._path(key), parts))
+
+    def _write(self, path: str, parts: Sequence[Buffer]) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{self._tmp_tag}.{secrets.token_hex(4)}.tmp"
+        try:
+            with open(tmp, "xb") as f:
+                for part in parts:
+                    f.write(part)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+
+    def delete(self, key: ChunkKey, timeout: float) -> bool:
+        return self._run(timeout, lambda: _unlink(self._path(key)))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _read(path: str) -> bytearray | None:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = bytearray(size)
+            view = memoryview(buf)
+            got = 0
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    break  # truncated under us: the framing check rejects it
+                got += n
+            return buf if got == size else buf[:got]
+    except FileNotFoundError:
+        return None
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False  # another writer or reader removed it first
+
+
+def open_store(url: SplitResult, options: StoreOptions) -> FsStore:
+    """Factory registered for fs://."""
+    return FsStore(url, options)

@@ -1,0 +1,149 @@
+"""Any S3-compatible object store through boto3: concurrent HEAD/GET requests from a bounded pool.
+
+    s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1
+
+Credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID, ~/.aws, instance roles); the endpoint
+may also come from AWS_ENDPOINT_URL. S3 has no batched read, so a batch is a set of concurrent
+requests on `max_connections` connections, bounded by the call's deadline as a whole.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+from urllib.parse import SplitResult, parse_qs
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
+
+from kvtier.errors import ConfigError
+from kvtier.keys import ChunkKey
+from kvtier.storage.remote.store import Buffer, StoreOptions, object_name
+
+T = TypeVar("T")
+_QUERY_KEYS = {"endpoint", "region"}
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+class S3Store:
+    """Framed objects as S3 objects named "<prefix>/kvtier/<namespace>/<digest>"."""
+
+    def __init__(self, url: SplitResult, options: StoreOptions) -> None:
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        unknown = set(query) - _QUERY_KEYS
+        if unknown:
+            raise ConfigError(f"remote.url: unknown s3:// option(s) {', '.join(sorted(unknown))}; use endpoint, region")
+        self.scheme = "s3"
+        self.bucket = url.netloc
+        self.prefix = url.path.strip("/")
+        self.where = f"s3://{self.bucket}/{self.prefix}" + (f" at {query['endpoint']}" if "endpoint" in query else "")
+        self._endpoint = query.get("endpoint")
+        self._region = query.get("region")
+        self._options = options
+        self._clients: dict[float, Any] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(options.max_connections, thread_name_prefix="kvtier-s3")
+
+    def _name(self, key: ChunkKey) -> str:
+        return f"{self.prefix}/{object_name(key)}" if self.prefix else object_name(key)
+
+    def _client(self, timeout: float) -> Any:
+        client = self._clients.get(timeout)
+        if client is None:
+            with self._lock:
+                client = self._clients.get(timeout)
+                if client is None:
+                    config = BotoConfig(
+                        connect_timeout=min(timeout, self._options.connect_timeout), read_timeout=timeout,
+                        retries={"max_attempts": 1, "mode": "standard"},  # the breaker retries, later
+                        max_pool_connections=self._options.max_connections,
+                    )  # fmt: skip
+                    session = boto3.session.Session()
+                    client = session.client("s3", endpoint_url=self._endpoint, region_name=self._region, config=config)
+                    self._clients[timeout] = client
+        return client
+
+    def _each(self, keys: Sequence[ChunkKey], timeout: float, fn: Callable[[Any, str], T]) -> list[T]:
+        """fn(client, name) for every key concurrently; the whole batch must finish within `timeout`."""
+        client = self._client(timeout)
+        futures: list[Future[T]] = [self._pool.submit(fn, client, self._name(k)) for k in keys]
+        done, pending = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        for future in done:
+            exc = future.exception()
+            if exc is not None:
+                raise exc
+        if pending:
+            raise TimeoutError(f"{len(pending)} of {len(keys)} S3 requests took longer than {timeout:.3f} s")
+        return [f.result() for f in futures]
+
+    def exists(self, keys: Sequence[ChunkKey], timeout: float) -> list[bool]:
+        """Concurrent HEADs, read in order: stops at the first absent key; at the deadline, the
+        keys answered so far are the answer (a shorter prefix), unless none was."""
+        client = self._client(timeout)
+        deadline = time.monotonic() + timeout
+        futures = [self._pool.submit(self._head, client, self._name(k)) for k in keys]
+        found = 0
+        try:
+            for future in futures:
+                if not future.result(timeout=max(0.0, deadline - time.monotonic())):
+                    break
+                found += 1
+        except FutureTimeout:
+            if not found:
+                raise TimeoutError(f"no S3 HEAD answered within {timeout:.3f} s") from None
+        finally:
+            for future in futures:
+                future.cancel()
+        return [True] * found + [False] * (len(keys) - found)
+
+    def _head(self, client: Any, name: str) -> bool:
+        try:
+            client.head_object(Bucket=self.bucket, Key=name)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _MISSING:
+                return False
+            raise
+        return True
+
+    def get(self, keys: Sequence[ChunkKey], timeout: float) -> list[Buffer | None]:
+        return self._each(keys, timeout, self._get_one)
+
+    def _get_one(self, client: Any, name: str) -> bytes | None:
+        try:
+            response = client.get_object(Bucket=self.bucket, Key=name)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _MISSING:
+                return None
+            raise
+        data: bytes = response["Body"].read()
+        return data
+
+    def put(self, key: ChunkKey, parts: Sequence[Buffer], timeout: float) -> None:
+        self._client(timeout).put_object(Bucket=self.bucket, Key=self._name(key), Body=b"".join(parts))
+
+    def delete(self, key: ChunkKey, timeout: float) -> bool:
+        name = self._name(key)
+        client = self._client(timeout)
+        present = self._head(client, name)  # S3 answers a DELETE the same whether or not the object was there
+        if present:
+            client.delete_object(Bucket=self.bucket, Key=name)
+        return present
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+
+def open_store(url: SplitResult, options: StoreOptions) -> S3Store:
+    """Factory registered for s3://."""
+    return S3Store(url, options)

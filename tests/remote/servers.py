@@ -1,0 +1,122 @@
+"""Real servers for the remote-tier tests, started on free loopback ports and killed afterwards.
+
+A missing server binary skips the tests that need it, except where KVTIER_REQUIRE_SERVERS=1 (set by
+.ci/run): there it fails, so CI can never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def need_binary(name: str) -> str:
+    """The path of `name`, or skip (fail when servers are required)."""
+    path = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+    if path is None:
+        message = f"{name} is not installed (see .ci/run)"
+        if os.environ.get("KVTIER_REQUIRE_SERVERS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+class ServerProcess:
+    """A server subprocess that can be killed (-9) and started again on the same port."""
+
+    def __init__(self, argv: Callable[[int], list[str]], ready: Callable[[int], bool], name: str) -> None:
+        self.argv = argv
+        self.ready = ready
+        self.name = name
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        self.proc = subprocess.Popen(self.argv(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {err[-2000:]}")
+            if _port_open(self.port) and self.ready(self.port):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not become ready on port {self.port} within {timeout} s")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def redis_server() -> ServerProcess:
+    binary = need_binary("redis-server")
+
+    def ready(port: int) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=port, socket_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    argv = lambda port: [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]  # noqa: E731
+    return ServerProcess(argv, ready, "redis-server")
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "kvtier-test", "AWS_SECRET_ACCESS_KEY": "kvtier-test", "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKET = "kvtier-test"
+
+
+def s3_server() -> ServerProcess:
+    """moto's S3-compatible server (the real HTTP API, in-memory storage) with the test bucket."""
+    binary = need_binary("moto_server")
+    for name, value in S3_ENV.items():
+        os.environ.setdefault(name, value)
+
+    def ready(port: int) -> bool:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+        s3.create_bucket(Bucket=BUCKET)
+        return True
+
+    return ServerProcess(lambda port: [binary, "-H", "127.0.0.1", "-p", str(port)], ready, "moto_server")
+
+
+def s3_url(server: ServerProcess, prefix: str = "cache") -> str:
+    return f"s3://{BUCKET}/{prefix}?endpoint=http://127.0.0.1:{server.port}&region=us-east-1"
