@@ -1,4 +1,4 @@
-"""The `kvtier` command line: demo, config, model, inspect."""
+"""The `kvtier` command line: demo, config, model, inspect, server."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ EPILOG = """examples:
   kvtier config                     print the effective configuration (YAML, KVTIER_* and LMCACHE_*)
   kvtier model export               write the built-in model as a plain Hugging Face folder
   kvtier inspect ~/.cache/kvtier/demo-disk --verify
-                                    count and check the objects of a disk tier"""
+                                    count and check the objects of a disk tier
+  kvtier server --memory 8GiB --disk-path /var/cache/kvtier
+                                    run a kvtier server (clients use remote url kvtier://127.0.0.1:7480)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="disk tier directory")
     inspect.add_argument("--verify", action="store_true", help="read every object and check it")
     inspect.add_argument("--delete-corrupt", action="store_true", help="with --verify, delete corrupt objects")
+
+    server = sub.add_parser("server", help="run a kvtier cache server (remote tier for kvtier:// URLs)",
+                            description="Serve KV cache objects to kvtier clients over TCP (protocol: "
+                            "docs/protocol.md), from a memory budget and an optional write-through disk. "
+                            "SIGINT or SIGTERM finishes requests in flight, then stops.")  # fmt: skip
+    from kvtier.server.main import add_arguments
+
+    add_arguments(server)
     return parser
 
 
@@ -79,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kvtier.inspect import inspect_disk
 
         return inspect_disk(args.path, verify=args.verify, delete_corrupt=args.delete_corrupt)
+    if args.command == "server":
+        from kvtier.server.main import run
+
+        return run(args)
     build_parser().print_help()
     return 0
 

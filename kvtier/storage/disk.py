@@ -5,11 +5,17 @@ Layout: `<root>/<namespace hex>/<digest hex[:2]>/<digest hex>.kv`, each file a f
 place, so readers never see a partial object, even with several processes on one directory. Each
 process keeps its own index (rebuilt by scanning at start, and extended when it finds a file another
 process wrote) and evicts to its own byte budget.
+
+Two tiers share that machinery (`FileTier`) and differ only in what a value is:
+- `DiskTier` holds canonical chunk tensors; it frames them with a layout and a codec, and decodes them.
+- `ObjectDiskTier` holds already-framed objects (uint8 tensors of header + payload, e.g. what the kvtier
+  server receives); it writes their bytes as they are and, on read, validates the framing itself.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import secrets
@@ -42,15 +48,17 @@ STALE_TMP_SECONDS = 3600.0  # a temporary file this old belongs to a writer that
 READ_PIECE = 1024 * 1024  # bytes read, then hashed while still in the CPU cache (best of 64 KiB-1 MiB measured)
 
 
-class DiskTier:
-    """Framed chunk objects in files under `root`, at most `capacity` bytes known to this process."""
+class FileTier:
+    """Framed objects in files under `root`, at most `capacity` bytes known to this process.
+
+    Subclasses say what a value is: `_encode` turns one into the buffers of its file, `_read` reads
+    and validates a file back into a value, `_stored_size` is a value's file size.
+    """
 
     def __init__(
         self,
         root: str | os.PathLike[str],
         capacity: int,
-        layout: KVLayout,
-        codec: Codec,
         policy: str = "lru",
         fsync: bool = False,
         name: str = "l2",
@@ -59,8 +67,6 @@ class DiskTier:
         self.root = Path(root).expanduser()
         self._root = str(self.root)
         self.capacity = capacity
-        self.layout = layout
-        self.codec = codec
         self.fsync = fsync
         self.stats = TierStats()
         self._policy: EvictionPolicy[ChunkKey] = make_policy(policy)
@@ -174,30 +180,22 @@ class DiskTier:
         with self._lock:
             if key in self._sizes:
                 self._policy.touch(key)
-            elif self._make_room(HEADER_SIZE + kv.nbytes):
-                self._index(key, HEADER_SIZE + kv.nbytes)
+            elif self._make_room(self._stored_size(kv)):
+                self._index(key, self._stored_size(kv))
         self.stats.hits += 1
         return kv
 
     def _read(self, path: str, key: ChunkKey) -> torch.Tensor:
-        with open(path, "rb", buffering=0) as f:
-            header = parse_header(f.read(HEADER_SIZE))
-            check_header(header, key, self.layout, self.codec)
-            size = os.fstat(f.fileno()).st_size
-            if size != HEADER_SIZE + header.payload_len:
-                raise CorruptObjectError(f"file is {size} bytes, header says {HEADER_SIZE + header.payload_len}")
-            payload = torch.empty(header.payload_len, dtype=torch.uint8)
-            view = payload.numpy().data
-            hasher = payload_hasher()
-            got = 0
-            while got < header.payload_len:  # hash each piece while it is still in the CPU cache
-                n = f.readinto(view[got : got + READ_PIECE])
-                if not n:
-                    raise CorruptObjectError(f"file ended after {got} of {header.payload_len} payload bytes")
-                hasher.update(view[got : got + n])
-                got += n
-        check_digest(header, hasher.digest())
-        return self.codec.decode(view, header.shape, header.dtype)
+        """The validated value in file `path`; CorruptObjectError (or OSError) otherwise."""
+        raise NotImplementedError
+
+    def _encode(self, key: ChunkKey, kv: torch.Tensor) -> list[memoryview]:
+        """The bytes of `kv`'s file, as buffers written back to back."""
+        raise NotImplementedError
+
+    def _stored_size(self, kv: torch.Tensor) -> int:
+        """The size of `kv`'s file."""
+        raise NotImplementedError
 
     def put(self, key: ChunkKey, kv: torch.Tensor) -> bool:
         if key in self._sizes:
@@ -205,15 +203,15 @@ class DiskTier:
                 if key in self._sizes:
                     self._policy.touch(key)
             return True
-        header, payload = encode_object(key, self.layout, self.codec, kv)
-        size = len(header) + payload.nbytes
+        buffers = self._encode(key, kv)
+        size = sum(b.nbytes for b in buffers)
         with self._lock:
             if not self._make_room(size):
                 self.stats.put_failures += 1
                 return False
             self._reserved += size
         try:
-            self._write(self.path(key), header, payload)
+            self._write(self.path(key), buffers)
         except OSError as exc:
             what = "disk full" if exc.errno == errno.ENOSPC else "write failed"
             self._burst.warning(what, "%s: %s for %s: %s", self.name, what, key, exc)
@@ -229,12 +227,12 @@ class DiskTier:
             self.stats.puts += 1
         return True
 
-    def _write(self, path: Path, header: bytes, payload: memoryview) -> None:
+    def _write(self, path: Path, buffers: list[memoryview]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _write_all(fd, [memoryview(header), payload.cast("B")])
+            _write_all(fd, buffers)
             if self.fsync:
                 os.fsync(fd)
         except BaseException:
@@ -275,6 +273,75 @@ class DiskTier:
             assert self._reserved == 0
             for key, size in self._sizes.items():
                 assert self.path(key).stat().st_size == size, key
+
+
+class DiskTier(FileTier):
+    """Canonical chunk tensors, framed with `layout` and `codec`, in files under `root`."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        capacity: int,
+        layout: KVLayout,
+        codec: Codec,
+        policy: str = "lru",
+        fsync: bool = False,
+        name: str = "l2",
+    ) -> None:
+        self.layout = layout
+        self.codec = codec
+        super().__init__(root, capacity, policy, fsync, name)
+
+    def _encode(self, key: ChunkKey, kv: torch.Tensor) -> list[memoryview]:
+        header, payload = encode_object(key, self.layout, self.codec, kv)
+        return [memoryview(header), payload.cast("B")]
+
+    def _stored_size(self, kv: torch.Tensor) -> int:
+        return HEADER_SIZE + kv.nbytes
+
+    def _read(self, path: str, key: ChunkKey) -> torch.Tensor:
+        with open(path, "rb", buffering=0) as f:
+            header = parse_header(f.read(HEADER_SIZE))
+            check_header(header, key, self.layout, self.codec)
+            size = os.fstat(f.fileno()).st_size
+            if size != HEADER_SIZE + header.payload_len:
+                raise CorruptObjectError(f"file is {size} bytes, header says {HEADER_SIZE + header.payload_len}")
+            payload = torch.empty(header.payload_len, dtype=torch.uint8)
+            view = payload.numpy().data
+            digest = _read_hashed(f, view)
+        check_digest(header, digest)
+        return self.codec.decode(view, header.shape, header.dtype)
+
+
+class ObjectDiskTier(FileTier):
+    """Opaque framed objects (uint8 tensors of header + payload) in files under `root`.
+
+    `put` writes an object's bytes as they are: the caller has validated them (the kvtier server
+    does). `get` validates the framing itself (header, key, length, payload checksum) and returns
+    the whole object, so any layout and codec can be stored without the tier knowing them.
+    """
+
+    def _encode(self, key: ChunkKey, kv: torch.Tensor) -> list[memoryview]:
+        return [kv.numpy().data.cast("B")]
+
+    def _stored_size(self, kv: torch.Tensor) -> int:
+        return kv.nbytes
+
+    def _read(self, path: str, key: ChunkKey) -> torch.Tensor:
+        with open(path, "rb", buffering=0) as f:
+            head = f.read(HEADER_SIZE)
+            header = parse_header(head)
+            if header.key != key:
+                raise CorruptObjectError(f"object holds {header.key}, expected {key}")
+            size = os.fstat(f.fileno()).st_size
+            if size != HEADER_SIZE + header.payload_len:
+                raise CorruptObjectError(f"file is {size} bytes, header says {HEADER_SIZE + header.payload_len}")
+            obj = torch.empty(size, dtype=torch.uint8)
+            view = obj.numpy().data
+            view[:HEADER_SIZE] = head
+            digest = _read_hashed(f, view[HEADER_SIZE:])
+        check_digest(header, digest)
+        return obj
 
 
 def _ensure_writable(root: Path) -> None:
@@ -330,3 +397,16 @@ def _write_all(fd: int, buffers: list[memoryview]) -> None:
             buffers.pop(0)
         if buffers and written:
             buffers[0] = buffers[0][written:]
+
+
+def _read_hashed(f: io.FileIO, view: memoryview) -> bytes:
+    """Fill `view` from `f`, hashing each piece while it is still in the CPU cache; the xxh3-128 digest."""
+    hasher = payload_hasher()
+    got, length = 0, len(view)
+    while got < length:
+        n = f.readinto(view[got : got + READ_PIECE])
+        if not n:
+            raise CorruptObjectError(f"file ended after {got} of {length} payload bytes")
+        hasher.update(view[got : got + n])
+        got += n
+    return hasher.digest()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -13,30 +12,10 @@ from kvtier.keys import ChunkKey
 from kvtier.storage.remote import open_store
 from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
 from tests.conftest import SMALL
-from tests.remote.servers import ServerProcess, free_port, redis_server, s3_server, s3_url
+from tests.remote.servers import ServerProcess, free_port, kvtier_server, redis_server, s3_server, s3_url
 
-KINDS = ["redis", "s3", "fs"]
+KINDS = ["redis", "s3", "fs", "kvtier"]
 _namespaces = itertools.count(1000)
-
-
-def kvtier_server(*extra: str) -> ServerProcess:
-    """`kvtier server` as a subprocess (the way users run it)."""
-
-    def ready(port: int) -> bool:
-        from kvtier.server.client import open_store as open_kvtier
-
-        from kvtier.storage.remote import parse_url
-        from kvtier.storage.remote.store import StoreOptions
-
-        store = open_kvtier(parse_url(f"kvtier://127.0.0.1:{port}"), StoreOptions())
-        try:
-            store.exists([], 1.0)
-            return True
-        finally:
-            store.close()
-
-    argv = lambda port: [sys.executable, "-m", "kvtier.cli", "server", "--port", str(port), *extra]  # noqa: E731
-    return ServerProcess(argv, ready, "kvtier server")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -46,17 +47,23 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
-        self.proc = subprocess.Popen(self.argv(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # the log goes to a file: a pipe nobody reads fills up and stalls a chatty server (moto logs
+        # every request)
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(self.argv(self.port), stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {err[-2000:]}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
             if _port_open(self.port) and self.ready(self.port):
                 return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"{self.name} did not become ready on port {self.port} within {timeout} s")
+
+    def log_tail(self, size: int = 2000) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-size:]
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
@@ -71,8 +78,6 @@ class ServerProcess:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 def _port_open(port: int) -> bool:
@@ -120,3 +125,21 @@ def s3_server() -> ServerProcess:
 
 def s3_url(server: ServerProcess, prefix: str = "cache") -> str:
     return f"s3://{BUCKET}/{prefix}?endpoint=http://127.0.0.1:{server.port}&region=us-east-1"
+
+
+def kvtier_server(*extra: str) -> ServerProcess:
+    """`kvtier server` as a subprocess (the way users run it)."""
+
+    def ready(port: int) -> bool:
+        from kvtier.storage.remote import open_store
+
+        store = open_store(f"kvtier://127.0.0.1:{port}")
+        try:
+            return bool(store.health(1.0))
+        except Exception:  # not up yet: any failure means "try again"
+            return False
+        finally:
+            store.close()
+
+    argv = lambda port: [sys.executable, "-m", "kvtier.cli", "server", "--port", str(port), *extra]  # noqa: E731
+    return ServerProcess(argv, ready, "kvtier server")

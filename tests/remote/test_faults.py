@@ -49,7 +49,7 @@ def blackhole():
     sock.close()
 
 
-@pytest.mark.parametrize("scheme", ["redis", "s3"])
+@pytest.mark.parametrize("scheme", ["redis", "kvtier", "s3"])
 def test_hung_server_costs_one_deadline_then_nothing(blackhole, scheme):
     url = f"{scheme}://127.0.0.1:{blackhole}"
     if scheme == "s3":
@@ -76,7 +76,7 @@ def _url(kind: str, server) -> str:
     return s3_url(server) if kind == "s3" else f"{kind}://127.0.0.1:{server.port}"
 
 
-@pytest.mark.parametrize("kind", ["redis", "s3"])
+@pytest.mark.parametrize("kind", ["redis", "kvtier", "s3"])
 def test_kill_9_inside_a_loop_of_stores_and_retrieves(kind):
     server = _start(kind)
     remote = {"url": _url(kind, server), "timeout_ms": 500, "lookup_timeout_ms": 200, "backoff_ms": 50,

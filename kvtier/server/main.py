@@ -1,0 +1,91 @@
+"""`kvtier server`: run a KVServer in the foreground until SIGINT or SIGTERM, then shut down gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import os
+import signal
+from pathlib import Path
+
+from kvtier.logutil import setup_logging
+from kvtier.server.client import TOKEN_ENV
+from kvtier.server.config import ServerConfig
+from kvtier.server.server import KVServer
+from kvtier.units import format_size, parse_size
+
+log = logging.getLogger("kvtier.server")
+GRACE_SECONDS = 10.0  # how long requests in flight may take to finish after a stop signal
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `kvtier server` options."""
+    d = ServerConfig()
+    parser.add_argument("--host", default=d.host, help=f"interface to bind (default: {d.host}, loopback only)")
+    parser.add_argument("--port", type=int, default=d.port, help=f"TCP port (default: {d.port})")
+    parser.add_argument("--memory", default="4GiB", help="memory budget for objects, e.g. 4GiB (default: 4GiB)")
+    parser.add_argument("--disk-path", help="directory of a write-through disk tier (default: memory only)")
+    parser.add_argument("--disk-size", default="64GiB", help="disk budget with --disk-path (default: 64GiB)")
+    parser.add_argument("--policy", default=d.policy, choices=["lru", "lfu", "fifo", "mru"],
+                        help=f"eviction policy (default: {d.policy})")  # fmt: skip
+    parser.add_argument("--token-file", help=f"file holding the token clients must send (default: ${TOKEN_ENV})")
+    parser.add_argument("--max-frame", default="64MiB", help="largest request accepted (default: 64MiB)")
+    parser.add_argument("--max-connections", type=int, default=d.max_connections,
+                        help=f"open connections; more are refused (default: {d.max_connections})")  # fmt: skip
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="log level (default: info)")  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """A ServerConfig from parsed `kvtier server` options; ValueError for a bad value."""
+    token = os.environ.get(TOKEN_ENV, "")
+    if args.token_file:
+        token = Path(args.token_file).expanduser().read_text().strip()
+        if not token:
+            raise ValueError(f"--token-file {args.token_file} is empty")
+    return ServerConfig(
+        host=args.host, port=args.port, memory=parse_size(args.memory), disk_path=args.disk_path,
+        disk_size=parse_size(args.disk_size), policy=args.policy, token=token,
+        max_frame=parse_size(args.max_frame), max_connections=args.max_connections,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; the exit code."""
+    setup_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+    except (OSError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        asyncio.run(serve(config))
+    except (OSError, ValueError) as exc:  # port in use, unwritable disk path
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+async def serve(config: ServerConfig) -> None:
+    """Start the server, log where it listens, and stop it gracefully on SIGINT or SIGTERM."""
+    server = KVServer(config)
+    host, port = await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, functools.partial(_on_signal, sig, stop))
+    disk = f"disk {config.disk_path} ({format_size(config.disk_size)})" if config.disk_path else "no disk"
+    auth = "token required" if config.token else "no auth"
+    log.info("listening on %s:%d (memory %s, %s, %s)", host, port, format_size(config.memory), disk, auth)
+    await stop.wait()
+    await server.shutdown(GRACE_SECONDS)
+
+
+def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+    if stop.is_set():
+        log.info("%s: already stopping", sig.name)
+        return
+    log.info("%s: finishing requests in flight, then stopping", sig.name)
+    stop.set()
