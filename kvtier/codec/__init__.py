@@ -24,7 +24,9 @@ class Codec(Protocol):
         """Payload bytes of a CPU canonical tensor."""
         ...
 
-    def decode(self, payload: bytes | bytearray | memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, payload: bytes | bytearray | memoryview, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         """Canonical tensor of `shape` and `dtype` from a payload produced by encode()."""
         ...
 

@@ -20,7 +20,9 @@ class RawCodec:
         flat = kv.detach().cpu().contiguous().reshape(-1)
         return flat.view(torch.uint8).numpy().data
 
-    def decode(self, payload: bytes | bytearray | memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, payload: bytes | bytearray | memoryview, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         """A tensor sharing memory with `payload` (which must be writable and stay alive)."""
         elem = torch.empty((), dtype=dtype).element_size()
         expected = math.prod(shape) * elem
