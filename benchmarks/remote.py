@@ -134,7 +134,8 @@ def measure(name: str, url: str, raw: RawClient, chunks: list[torch.Tensor], rep
     names = [object_name(k) for k in keys]  # the raw client moves the very same objects
     blobs = [b"".join(encode_object(k, LAYOUT, RawCodec(), c)) for k, c in zip(keys, chunks, strict=True)]
     total = sum(len(b) for b in blobs)
-    put_raw, put_tier = paired(lambda: raw.put_all(names, blobs), lambda: [tier.put(k, c) for k, c in zip(keys, chunks, strict=True)], repeat)  # fmt: skip  # noqa: E501
+    clear = lambda: [tier.store.delete(k, 60.0) for k in keys]  # noqa: E731 - puts of new objects, as in use
+    put_raw, put_tier = paired(lambda: raw.put_all(names, blobs), lambda: [tier.put(k, c) for k, c in zip(keys, chunks, strict=True)], repeat, setup=clear)  # fmt: skip  # noqa: E501
     get_raw, get_tier = paired(lambda: raw.get_all(names), lambda: tier.get_many(keys), repeat)
     got = tier.get_many(keys)
     assert all(g is not None and torch.equal(g, c) for g, c in zip(got, chunks, strict=True)), f"{name}: bad KV"

@@ -155,3 +155,8 @@ def test_merged_overrides():
     assert (out.chunk_size, out.l1.size, out.l1.policy, out.disk.path) == (128, GiB, "lfu", "/tmp/m")
     with pytest.raises(ConfigError, match=r"unknown key 'l1.sise' in extra"):
         cfg.merged({"l1": {"sise": 1}}, "extra")
+
+
+def test_kvtier_variables_that_are_not_config_keys_are_allowed():
+    config = Config.load(env={"KVTIER_SERVER_TOKEN": "secret", "KVTIER_CONFIG": ""})
+    assert "secret" not in str(config.to_dict())

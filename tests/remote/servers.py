@@ -1,6 +1,6 @@
 """Real servers for the remote-tier tests, started on free loopback ports and killed afterwards.
 
-A missing server binary skips the tests that need it, except where KVTIER_REQUIRE_SERVERS=1 (set by
+A missing server binary skips the tests that need it, except where REQUIRE_TEST_SERVERS=1 (set by
 .ci/run): there it fails, so CI can never pass by skipping.
 """
 
@@ -30,7 +30,7 @@ def need_binary(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
     if path is None:
         message = f"{name} is not installed (see .ci/run)"
-        if os.environ.get("KVTIER_REQUIRE_SERVERS") == "1":
+        if os.environ.get("REQUIRE_TEST_SERVERS") == "1":
             pytest.fail(message)
         pytest.skip(message)
     return path
