@@ -9,7 +9,6 @@ requests on `max_connections` connections, bounded by the call's deadline as a w
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -28,6 +27,7 @@ from kvtier.storage.remote.store import Buffer, StoreOptions, object_name
 T = TypeVar("T")
 _QUERY_KEYS = {"endpoint", "region"}
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+_SOCKET_TIMEOUT = 30.0  # seconds; frees a pool thread stuck on a dead connection (callers stop waiting sooner)
 
 
 class S3Store:
@@ -42,35 +42,28 @@ class S3Store:
         self.bucket = url.netloc
         self.prefix = url.path.strip("/")
         self.where = f"s3://{self.bucket}/{self.prefix}" + (f" at {query['endpoint']}" if "endpoint" in query else "")
-        self._endpoint = query.get("endpoint")
-        self._region = query.get("region")
-        self._options = options
-        self._clients: dict[float, Any] = {}
-        self._lock = threading.Lock()
+        # One client, made now: making one costs ~0.3 s (botocore loads its service model), which a
+        # 50 ms lookup cannot afford. Deadlines are kept by waiting on the pool, not by socket timeouts.
+        config = BotoConfig(
+            connect_timeout=options.connect_timeout, read_timeout=_SOCKET_TIMEOUT,
+            retries={"max_attempts": 1, "mode": "standard"},  # the breaker retries, later
+            max_pool_connections=options.max_connections,
+        )  # fmt: skip
+        session = boto3.session.Session()
+        self._s3 = session.client(
+            "s3", endpoint_url=query.get("endpoint"), region_name=query.get("region"), config=config
+        )
         self._pool = ThreadPoolExecutor(options.max_connections, thread_name_prefix="kvtier-s3")
 
     def _name(self, key: ChunkKey) -> str:
         return f"{self.prefix}/{object_name(key)}" if self.prefix else object_name(key)
 
-    def _client(self, timeout: float) -> Any:
-        client = self._clients.get(timeout)
-        if client is None:
-            with self._lock:
-                client = self._clients.get(timeout)
-                if client is None:
-                    config = BotoConfig(
-                        connect_timeout=min(timeout, self._options.connect_timeout), read_timeout=timeout,
-                        retries={"max_attempts": 1, "mode": "standard"},  # the breaker retries, later
-                        max_pool_connections=self._options.max_connections,
-                    )  # fmt: skip
-                    session = boto3.session.Session()
-                    client = session.client("s3", endpoint_url=self._endpoint, region_name=self._region, config=config)
-                    self._clients[timeout] = client
-        return client
+    def _within(self, timeout: float, fn: Callable[[], T]) -> T:
+        return self._pool.submit(fn).result(timeout=timeout)  # TimeoutError past the deadline
 
     def _each(self, keys: Sequence[ChunkKey], timeout: float, fn: Callable[[Any, str], T]) -> list[T]:
         """fn(client, name) for every key concurrently; the whole batch must finish within `timeout`."""
-        client = self._client(timeout)
+        client = self._s3
         futures: list[Future[T]] = [self._pool.submit(fn, client, self._name(k)) for k in keys]
         done, pending = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
         for future in pending:
@@ -86,7 +79,7 @@ class S3Store:
     def exists(self, keys: Sequence[ChunkKey], timeout: float) -> list[bool]:
         """Concurrent HEADs, read in order: stops at the first absent key; at the deadline, the
         keys answered so far are the answer (a shorter prefix), unless none was."""
-        client = self._client(timeout)
+        client = self._s3
         deadline = time.monotonic() + timeout
         futures = [self._pool.submit(self._head, client, self._name(k)) for k in keys]
         found = 0
@@ -126,22 +119,23 @@ class S3Store:
         return data
 
     def put(self, key: ChunkKey, parts: Sequence[Buffer], timeout: float) -> None:
-        self._client(timeout).put_object(Bucket=self.bucket, Key=self._name(key), Body=b"".join(parts))
+        body = b"".join(parts)
+        self._within(timeout, lambda: self._s3.put_object(Bucket=self.bucket, Key=self._name(key), Body=body))
 
     def delete(self, key: ChunkKey, timeout: float) -> bool:
         name = self._name(key)
-        client = self._client(timeout)
-        present = self._head(client, name)  # S3 answers a DELETE the same whether or not the object was there
-        if present:
-            client.delete_object(Bucket=self.bucket, Key=name)
-        return present
+
+        def delete() -> bool:
+            present = self._head(self._s3, name)  # S3 answers a DELETE alike whether or not the object was there
+            if present:
+                self._s3.delete_object(Bucket=self.bucket, Key=name)
+            return present
+
+        return self._within(timeout, delete)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        with self._lock:
-            for client in self._clients.values():
-                client.close()
-            self._clients.clear()
+        self._s3.close()
 
 
 def open_store(url: SplitResult, options: StoreOptions) -> S3Store:
