@@ -68,7 +68,7 @@ def raw_redis(port: int) -> RawClient:
 
     # the same packer as the tier (redis-py's hiredis packer copies big values slowly): the fastest
     # redis-py there is, so the ratio is against the best raw client
-    r = redis.Redis(port=port, socket_timeout=30, command_packer=PACKER)
+    r = redis.Redis(connection_pool=redis.ConnectionPool(port=port, socket_timeout=30, command_packer=PACKER))
 
     def pipelined(op: str, names: list[str]) -> list[Any]:
         pipe = r.pipeline(transaction=False)
