@@ -84,8 +84,7 @@ class FileTier:
         return Path(self._path(key))
 
     def _path(self, key: ChunkKey) -> str:
-        digest = key.digest.hex()
-        return os.path.join(self._root, key.namespace.hex(), digest[:2], digest + SUFFIX)
+        return object_path(self._root, key)
 
     def _scan(self) -> None:
         """Index the objects already in the directory, oldest first, and drop stale temp files."""
@@ -131,7 +130,7 @@ class FileTier:
             if victim is None:
                 return False
             self._unindex(victim)
-            _unlink(self.path(victim))
+            unlink_if_present(self.path(victim))
             self.stats.evictions += 1
         return True
 
@@ -228,34 +227,18 @@ class FileTier:
         return True
 
     def _write(self, path: Path, buffers: list[memoryview]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_all(fd, buffers)
-            if self.fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink(tmp)
-            raise
-        os.close(fd)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            _unlink(tmp)
-            raise
+        write_atomic(str(path), buffers, self.fsync, str(os.getpid()))
 
     def delete(self, key: ChunkKey) -> bool:
         with self._lock:
             known = key in self._sizes
             self._unindex(key)
-        return _unlink(self.path(key)) or known
+        return unlink_if_present(self.path(key)) or known
 
     def _drop(self, key: ChunkKey, path: str | Path) -> None:
         with self._lock:
             self._unindex(key)
-        _unlink(path)
+        unlink_if_present(path)
 
     def held_keys(self) -> list[ChunkKey]:
         """A snapshot of the keys this process knows."""
@@ -344,6 +327,34 @@ class ObjectDiskTier(FileTier):
         return obj
 
 
+def object_path(root: str, key: ChunkKey) -> str:
+    """The file of `key` under `root`: `<root>/<namespace hex>/<digest hex[:2]>/<digest hex>.kv`."""
+    digest = key.digest.hex()
+    return os.path.join(root, key.namespace.hex(), digest[:2], digest + SUFFIX)
+
+
+def write_atomic(path: str, buffers: list[memoryview], fsync: bool, tag: str) -> None:
+    """Write `buffers` to a temporary file named after `path` and `tag` (unique to the writer),
+    then rename it into place: readers see the whole object or none."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{tag}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, buffers)
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        unlink_if_present(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        unlink_if_present(tmp)
+        raise
+
+
 def _ensure_writable(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -381,7 +392,8 @@ def _remove_stale(entry: os.DirEntry[str], now: float) -> None:
         pass  # another process finished or removed it first: nothing left to clean
 
 
-def _unlink(path: str | Path) -> bool:
+def unlink_if_present(path: str | Path) -> bool:
+    """Remove `path`; False if it was already gone."""
     try:
         os.unlink(path)
         return True

@@ -12,7 +12,6 @@ on a small thread pool so that a hung mount costs a caller its deadline, not a s
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +20,10 @@ from urllib.parse import SplitResult
 
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
+from kvtier.storage.disk import object_path, unlink_if_present, write_atomic
 from kvtier.storage.remote.store import Buffer, StoreOptions
 
 T = TypeVar("T")
-SUFFIX = ".kv"
 
 
 class FsStore:
@@ -42,8 +41,7 @@ class FsStore:
         self._pool = ThreadPoolExecutor(options.max_connections, thread_name_prefix="kvtier-fs")
 
     def _path(self, key: ChunkKey) -> str:
-        digest = key.digest.hex()
-        return os.path.join(self.root, key.namespace.hex(), digest[:2], digest + SUFFIX)
+        return object_path(self.root, key)
 
     def _run(self, timeout: float, fn: Callable[[], T]) -> T:
         return self._pool.submit(fn).result(timeout=timeout)  # TimeoutError when the mount hangs
@@ -63,22 +61,11 @@ class FsStore:
         return self._run(timeout, lambda: [_read(self._path(k)) for k in keys])
 
     def put(self, key: ChunkKey, parts: Sequence[Buffer], timeout: float) -> None:
-        self._run(timeout, lambda: self._write(self._path(key), parts))
-
-    def _write(self, path: str, parts: Sequence[Buffer]) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{self._tmp_tag}.{secrets.token_hex(4)}.tmp"
-        try:
-            with open(tmp, "xb") as f:
-                for part in parts:
-                    f.write(part)
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink(tmp)
-            raise
+        buffers = [memoryview(part).cast("B") for part in parts]
+        self._run(timeout, lambda: write_atomic(self._path(key), buffers, False, self._tmp_tag))
 
     def delete(self, key: ChunkKey, timeout: float) -> bool:
-        return self._run(timeout, lambda: _unlink(self._path(key)))
+        return self._run(timeout, lambda: unlink_if_present(self._path(key)))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -99,14 +86,6 @@ def _read(path: str) -> bytearray | None:
             return buf if got == size else buf[:got]
     except FileNotFoundError:
         return None
-
-
-def _unlink(path: str) -> bool:
-    try:
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False  # another writer or reader removed it first
 
 
 def open_store(url: SplitResult, options: StoreOptions) -> FsStore:
