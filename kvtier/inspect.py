@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from kvtier.codec.framing import HEADER_SIZE, check_payload, parse_header
 from kvtier.errors import CorruptObjectError
 from kvtier.report import format_table
-from kvtier.storage.disk import SUFFIX
+from kvtier.storage.files import SUFFIX
 from kvtier.units import format_size
 
 

@@ -36,14 +36,14 @@ from kvtier.codec.framing import (
     payload_hasher,
 )
 from kvtier.errors import ConfigError, CorruptObjectError
-from kvtier.keys import DIGEST_BYTES, ChunkKey
+from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.logutil import BurstLog
 from kvtier.storage.base import TierStats
+from kvtier.storage.files import object_path, parse_name, unlink_if_present, write_atomic
 from kvtier.storage.policy import EvictionPolicy, make_policy
 
 log = logging.getLogger("kvtier.storage.disk")
-SUFFIX = ".kv"
 STALE_TMP_SECONDS = 3600.0  # a temporary file this old belongs to a writer that died
 READ_PIECE = 1024 * 1024  # bytes read, then hashed while still in the CPU cache (best of 64 KiB-1 MiB measured)
 
@@ -96,7 +96,7 @@ class FileTier:
                     if entry.name.endswith(".tmp"):
                         _remove_stale(entry, now)
                         continue
-                    key = _parse_name(ns_dir.name, entry.name)
+                    key = parse_name(ns_dir.name, entry.name)
                     if key is not None and entry.is_file():
                         st = entry.stat()
                         found.append((st.st_mtime, key, st.st_size))
@@ -327,34 +327,6 @@ class ObjectDiskTier(FileTier):
         return obj
 
 
-def object_path(root: str, key: ChunkKey) -> str:
-    """The file of `key` under `root`: `<root>/<namespace hex>/<digest hex[:2]>/<digest hex>.kv`."""
-    digest = key.digest.hex()
-    return os.path.join(root, key.namespace.hex(), digest[:2], digest + SUFFIX)
-
-
-def write_atomic(path: str, buffers: list[memoryview], fsync: bool, tag: str) -> None:
-    """Write `buffers` to a temporary file named after `path` and `tag` (unique to the writer),
-    then rename it into place: readers see the whole object or none."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{tag}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        _write_all(fd, buffers)
-        if fsync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        unlink_if_present(tmp)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        unlink_if_present(tmp)
-        raise
-
-
 def _ensure_writable(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -372,43 +344,12 @@ def _subdirs(path: Path) -> list[Path]:
         return []
 
 
-def _parse_name(ns_hex: str, file_name: str) -> ChunkKey | None:
-    if not file_name.endswith(SUFFIX):
-        return None
-    try:
-        namespace, digest = bytes.fromhex(ns_hex), bytes.fromhex(file_name[: -len(SUFFIX)])
-    except ValueError:
-        return None
-    if len(namespace) != DIGEST_BYTES or len(digest) != DIGEST_BYTES:
-        return None
-    return ChunkKey(namespace, digest)
-
-
 def _remove_stale(entry: os.DirEntry[str], now: float) -> None:
     try:
         if now - entry.stat().st_mtime > STALE_TMP_SECONDS:
             os.unlink(entry.path)
     except OSError:
         pass  # another process finished or removed it first: nothing left to clean
-
-
-def unlink_if_present(path: str | Path) -> bool:
-    """Remove `path`; False if it was already gone."""
-    try:
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False  # another process sharing the directory removed it first
-
-
-def _write_all(fd: int, buffers: list[memoryview]) -> None:
-    while buffers:
-        written = os.writev(fd, buffers)
-        while buffers and written >= buffers[0].nbytes:
-            written -= buffers[0].nbytes
-            buffers.pop(0)
-        if buffers and written:
-            buffers[0] = buffers[0][written:]
 
 
 def _read_hashed(f: io.FileIO, view: memoryview) -> bytes:

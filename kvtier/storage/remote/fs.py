@@ -20,7 +20,7 @@ from urllib.parse import SplitResult
 
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
-from kvtier.storage.disk import object_path, unlink_if_present, write_atomic
+from kvtier.storage.files import object_path, unlink_if_present, write_atomic
 from kvtier.storage.remote.store import Buffer, StoreOptions
 
 T = TypeVar("T")
