@@ -8,7 +8,9 @@ between an engine's own memory and chunk tensors without an intermediate full-si
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,18 +23,20 @@ import xxhash
 from kvtier.codec import get_codec
 from kvtier.config import Config
 from kvtier.errors import ConfigError, LayoutError
-from kvtier.keys import Chunk, ChunkHasher, make_namespace, token_bytes
+from kvtier.keys import Chunk, ChunkHasher, ChunkKey, make_namespace, token_bytes
 from kvtier.layout import KVLayout
 from kvtier.logutil import setup_logging
 from kvtier.storage.base import Tier
 from kvtier.storage.chain import TierChain
 from kvtier.storage.cpu import CPUTier
 from kvtier.storage.disk import DiskTier
+from kvtier.storage.staging import StagingBuffer, StagingPool
 from kvtier.units import format_size
 
 log = logging.getLogger("kvtier.engine")
 Gather = Callable[[int, int], torch.Tensor]  # (start, end) -> a fresh canonical tensor of those tokens
 Scatter = Callable[[int, int, torch.Tensor], None]  # (start, end, canonical tensor) -> None
+_BACKGROUND_NICE = 10  # nice value of the prefetch/promotion thread (Linux threads have their own)
 _MEMO_SIZE = 32  # token sequences whose chunk keys are remembered (lookup, retrieve, store of one prompt)
 
 
@@ -64,7 +68,9 @@ class CacheEngine:
         self._memo: OrderedDict[tuple[int, bytes], list[Chunk]] = OrderedDict()
         self._memo_lock = threading.Lock()
         self.counters = EngineCounters()
-        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-prefetch")
+        self._staging = StagingPool()
+        # prefetches and promotions: one thread, below the serving engine's threads in priority
+        self._prefetcher = ThreadPoolExecutor(1, "kvtier-prefetch", initializer=_background_priority)
         self._closed = False
 
     # --- keys --------------------------------------------------------------------------------------
@@ -134,9 +140,8 @@ class CacheEngine:
 
     def retrieve(self, tokens: Any, max_tokens: int | None = None) -> torch.Tensor:
         """Canonical KV of the longest cached prefix of `tokens` (possibly 0 tokens), on the CPU."""
-        chunks = self.chunks(tokens)
         parts: list[tuple[int, int, torch.Tensor]] = []
-        n = self.retrieve_into(tokens, lambda lo, hi, kv: parts.append((lo, hi, kv)), max_tokens, chunks)
+        n = self._deliver(self.chunks(tokens), lambda lo, hi, kv: parts.append((lo, hi, kv)), max_tokens, 0, None)
         out = self.layout.empty(n)
         for lo, hi, kv in parts:
             out[:, :, lo:hi].copy_(kv)
@@ -154,15 +159,25 @@ class CacheEngine:
         end of what was delivered (`start` when nothing was).
 
         Chunks are delivered in order and stop at the first one not cached. The first chunk is cut
-        to begin at `start` and the last to end at `max_tokens`. `kv` belongs to the cache: copy
-        from it inside `scatter`, never keep or modify it.
+        to begin at `start` and the last to end at `max_tokens`. `kv` belongs to the cache and may
+        be overwritten once `scatter` returns: copy from it inside `scatter`, never keep or modify
+        it. Lower-tier chunks are read into a reused buffer and promoted into L1 in the background.
         """
         chunks = self.chunks(tokens) if chunks is None else chunks
+        with self._staging.buffer() as staging:
+            delivered = self._deliver(chunks, scatter, max_tokens, start, staging)
+            if staging.read_keys:
+                self._promote_later(list(staging.read_keys))
+        return delivered
+
+    def _deliver(
+        self, chunks: list[Chunk], scatter: Scatter, max_tokens: int | None, start: int, staging: StagingBuffer | None
+    ) -> int:
         stop = len(chunks) if max_tokens is None else sum(1 for c in chunks if c.start < max_tokens)
         first = sum(1 for c in chunks[:stop] if c.end <= start)
         wanted = chunks[first:stop]
         delivered = start
-        with self.chain.fetch([c.key for c in wanted]) as tensors:
+        with self.chain.fetch([c.key for c in wanted], staging) as tensors:
             for chunk, kv in zip(wanted, tensors, strict=False):  # tensors may stop early
                 lo = max(chunk.start, start)
                 hi = chunk.end if max_tokens is None else min(chunk.end, max_tokens)
@@ -172,6 +187,12 @@ class CacheEngine:
                 delivered = hi
         self.counters.retrieved_tokens += delivered - start
         return delivered
+
+    def _promote_later(self, keys: list[ChunkKey]) -> None:
+        """Copy chunks just read from lower tiers into L1, on the background thread."""
+        if self.chain.l1 is None or self._closed:
+            return
+        self._prefetcher.submit(self.chain.promote, keys).add_done_callback(_log_failure)
 
     def prefetch(self, tokens: Any) -> Future[int]:
         """Start loading the cached prefix of `tokens` from lower tiers into L1; the future gives its length."""
@@ -187,8 +208,16 @@ class CacheEngine:
         return future
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every pending store reached every tier; False on timeout."""
-        return self.chain.flush(timeout)
+        """Wait until every pending store reached every tier and every pending promotion reached L1;
+        False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ok = self.chain.flush(timeout)
+        marker = self._prefetcher.submit(lambda: None)  # one worker: earlier jobs finish first
+        try:
+            marker.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return False
+        return ok
 
     def close(self) -> None:
         """Finish pending stores and release the tiers."""
@@ -218,6 +247,14 @@ class EngineCounters:
     lookup_hit_tokens: int = 0  # of those, found cached
     retrieved_tokens: int = 0  # tokens delivered by retrieve / retrieve_into
     stored_tokens: int = 0  # tokens newly stored
+
+
+def _background_priority() -> None:
+    """Lower the calling thread's CPU priority, so background loads yield to the serving engine."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _BACKGROUND_NICE)
+    except (AttributeError, OSError):  # not Linux (priority is per process there) or not permitted
+        log.debug("background loads run at normal priority")
 
 
 def _log_failure(future: Future[Any]) -> None:

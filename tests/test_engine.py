@@ -94,6 +94,43 @@ def test_restart_hits_the_disk_and_promotes(tmp_path):
         assert second.stats()["l2"]["hits"] == 4
 
 
+def test_retrieve_into_reads_the_disk_through_one_reused_buffer_then_promotes(tmp_path):
+    kv = random_kv(LAYOUT, 64)
+    with engine(tmp_path) as first:
+        first.store(tokens(64), kv)
+    with engine(tmp_path) as second:
+        out, buffers = LAYOUT.empty(64), set()
+
+        def scatter(lo, hi, part):
+            buffers.add(part.untyped_storage().data_ptr())
+            out[:, :, lo:hi].copy_(part)
+
+        assert second.retrieve_into(tokens(64), scatter) == 64
+        assert torch.equal(out, kv)
+        assert len(buffers) == 1  # four chunks, one staging buffer: no fresh memory per chunk
+        assert second.flush(timeout=10)
+        assert second.chain.l1.stats.objects == 4  # promoted in the background
+        buffers.clear()
+        assert second.retrieve_into(tokens(64), scatter) == 64
+        assert len(buffers) == 4 and second.stats()["l2"]["hits"] == 8  # now the L1 chunks themselves
+
+
+def test_retrieve_into_stops_at_a_corrupt_disk_chunk_and_deletes_it(tmp_path):
+    kv = random_kv(LAYOUT, 64)
+    with engine(tmp_path) as first:
+        first.store(tokens(64), kv)
+        path = first.chain.lower[0].path(first.chunks(tokens(64))[1].key)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(data)
+    with engine(tmp_path) as second:
+        out = LAYOUT.empty(64)
+        got = second.retrieve_into(tokens(64), lambda lo, hi, part: out[:, :, lo:hi].copy_(part))
+        assert got == 16 and torch.equal(out[:, :, :16], kv[:, :, :16])
+        assert not path.exists() and second.stats()["l2"]["corrupt"] == 1
+        assert second.flush(timeout=10) and second.chain.l1.stats.objects == 1
+
+
 def test_prefetch_promotes_into_l1(tmp_path):
     with engine(tmp_path) as first:
         first.store(tokens(50), random_kv(LAYOUT, 50))

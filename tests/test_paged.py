@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.adapters.paged import PagedKV, expected_shape
+from kvtier.adapters.paged import PagedKV, block_runs, expected_shape
 from kvtier.errors import LayoutError
 from kvtier.layout import KVLayout
 
@@ -53,11 +53,17 @@ def reference_gather(kind, caches, block_ids, start, end):
     return out
 
 
+# scattered blocks (indexed copies), one run of consecutive blocks, two runs (slice copies)
+BLOCK_IDS = {"scattered": [7, 2, 9, 0, 5], "consecutive": [3, 4, 5, 6, 7], "two runs": [8, 9, 1, 2, 3]}
+DST_IDS = {"scattered": [8, 6, 4, 2, 0], "consecutive": [5, 6, 7, 8, 9], "two runs": [0, 1, 2, 6, 7]}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("start", "end"), [(0, 16), (4, 11), (8, 9), (0, 3)])
-def test_gather_matches_the_layout_definition(kind, start, end):
+@pytest.mark.parametrize("ids", list(BLOCK_IDS))
+def test_gather_matches_the_layout_definition(kind, start, end, ids):
     caches = make_caches(kind)
-    block_ids = torch.tensor([7, 2, 9, 0, 5])
+    block_ids = torch.tensor(BLOCK_IDS[ids])
     paged = PagedKV(kind, layout_for(kind), caches, BS)
     got = paged.gather(block_ids, start, end)
     assert torch.equal(got, reference_gather(kind, caches, block_ids, start, end))
@@ -65,12 +71,13 @@ def test_gather_matches_the_layout_definition(kind, start, end):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("start", "n"), [(0, 16), (4, 7), (8, 1), (0, 20)])
-def test_scatter_round_trip_touches_only_its_tokens(kind, start, n):
+@pytest.mark.parametrize("ids", list(BLOCK_IDS))
+def test_scatter_round_trip_touches_only_its_tokens(kind, start, n, ids):
     layout = layout_for(kind)
     source = make_caches(kind, seed=1)
     target = make_caches(kind, seed=2)
     before = [c.clone() for c in target]
-    src_ids, dst_ids = torch.tensor([1, 3, 5, 7, 9]), torch.tensor([8, 6, 4, 2, 0])
+    src_ids, dst_ids = torch.tensor(BLOCK_IDS[ids]), torch.tensor(DST_IDS[ids])
     kv = PagedKV(kind, layout, source, BS).gather(src_ids, start, start + n)
     dst = PagedKV(kind, layout, target, BS)
     dst.scatter(dst_ids, start, kv)
@@ -85,6 +92,13 @@ def test_scatter_round_trip_touches_only_its_tokens(kind, start, n):
             if (b, off) not in written:
                 pos = torch.tensor([b])
                 assert torch.equal(dst.gather(pos, 0, BS)[:, :, off], check.gather(pos, 0, BS)[:, :, off]), (b, off)
+
+
+def test_block_runs():
+    assert block_runs(torch.tensor([4, 5, 6])) == [(0, 4, 3)]
+    assert block_runs(torch.tensor([8, 9, 1, 2, 3])) == [(0, 8, 2), (2, 1, 3)]
+    assert block_runs(torch.tensor([], dtype=torch.long)) == []
+    assert block_runs(torch.tensor([7, 2, 9, 0, 5])) is None  # more runs than slice copies pay for
 
 
 def test_bad_inputs():

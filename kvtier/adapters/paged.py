@@ -3,7 +3,9 @@
 vLLM keeps each layer's KV in fixed-size blocks; a request's tokens live in the blocks its block
 table lists, in order. Every supported layout is first seen through a *block view*: a strided view
 (no copy) of one layer as `[num_blocks, planes, block_size, kv_heads, head_dim]`. Gathering and
-scattering are then written once, with one indexed copy per layer for a whole token range.
+scattering are then written once: per layer, one strided slice copy per run of consecutive blocks
+(vLLM often hands out consecutive blocks), or one indexed copy when the blocks are scattered
+(indexed copies run at about half the speed of slice copies on a CPU).
 
 Layouts (per layer):
 - ``cpu``:        `(num_blocks, kv_heads, block_size, 2 * head_dim)` (vLLM's CPU backend), whose memory
@@ -97,24 +99,29 @@ class PagedKV:
         self.device = caches[0].device
 
     def _blocks(self, block_ids: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, int]:
-        """Block ids covering tokens [start, end) (start block-aligned), and tokens in the last block."""
+        """Block ids (on the CPU) covering tokens [start, end) (start block-aligned), and tokens in
+        the last block."""
         if start % self.block_size:
             raise LayoutError(f"token range starts at {start}, not a multiple of the block size {self.block_size}")
         first, last = start // self.block_size, -(-end // self.block_size)
         if last > len(block_ids):
             raise LayoutError(f"tokens [{start}, {end}) need {last} blocks; the request has {len(block_ids)}")
-        return block_ids[first:last].to(self.device), end - (last - 1) * self.block_size
+        return block_ids[first:last].cpu(), end - (last - 1) * self.block_size
 
     def gather(self, block_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Canonical KV (on this device) of the request's tokens [start, end)."""
         ids, _ = self._blocks(block_ids, start, end)
         n = len(ids) * self.block_size
         out = torch.empty(self.layout.shape(n), dtype=self.layout.dtype, device=self.device)
+        runs = block_runs(ids)
+        dev_ids = ids.to(self.device) if runs is None else ids
         for layer, view in enumerate(self.views):
-            blocks = view.index_select(0, ids)  # [nb, planes, bs, h, d]: one copy per layer
-            out[:, layer].view(self.layout.kv_planes, len(ids), self.block_size, *out.shape[3:]).copy_(
-                blocks.transpose(0, 1)
-            )
+            dst = out[:, layer].view(self.layout.kv_planes, len(ids), self.block_size, *out.shape[3:]).transpose(0, 1)
+            if runs is None:
+                dst.copy_(view.index_select(0, dev_ids))  # scattered: one indexed copy per layer
+                continue
+            for offset, first, length in runs:  # consecutive blocks: a plain strided copy each
+                dst[offset : offset + length].copy_(view[first : first + length])
         return out[:, :, : end - start]
 
     def scatter(self, block_ids: torch.Tensor, start: int, kv: torch.Tensor) -> None:
@@ -124,11 +131,32 @@ class PagedKV:
         ids, tail = self._blocks(block_ids, start, end)
         kv = kv.to(self.device, non_blocking=True)
         full = len(ids) - (tail < self.block_size)
+        runs = block_runs(ids[:full])
+        dev_ids = ids[:full].to(self.device) if runs is None else ids
         planes, bs = self.layout.kv_planes, self.block_size
         for layer, view in enumerate(self.views):
             src = kv[:, layer]  # [planes, T, h, d]
             if full:
                 blocks = src[:, : full * bs].reshape(planes, full, bs, *src.shape[2:]).transpose(0, 1)
-                view.index_copy_(0, ids[:full], blocks)
+                if runs is None:
+                    view.index_copy_(0, dev_ids, blocks)
+                else:
+                    for offset, first, length in runs:
+                        view[first : first + length].copy_(blocks[offset : offset + length])
             if tail < bs:
-                view[ids[full], :, :tail] = src[:, full * bs :]
+                view[int(ids[full]), :, :tail] = src[:, full * bs :]
+
+
+def block_runs(ids: torch.Tensor, max_runs: int = 4) -> list[tuple[int, int, int]] | None:
+    """`ids` as runs of consecutive block ids: (offset in ids, first id, length); None if more than
+    `max_runs` (then an indexed copy is faster than that many slice copies)."""
+    runs: list[tuple[int, int, int]] = []
+    offset = 0
+    values = ids.tolist()
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            runs.append((offset, values[offset], i - offset))
+            if len(runs) > max_runs:
+                return None
+            offset = i
+    return runs

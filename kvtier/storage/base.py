@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from kvtier.keys import ChunkKey
+from kvtier.storage.staging import StagingBuffer
 
 
 @dataclass(slots=True)
@@ -71,6 +72,15 @@ class BatchReader(Protocol):
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
         """The tensors of `keys` in order, None where a key is missing, corrupt or failed."""
+        ...
+
+
+@runtime_checkable
+class StagedReader(Protocol):
+    """A tier that can read a chunk into a caller's reusable buffer instead of fresh memory."""
+
+    def get_into(self, key: ChunkKey, staging: StagingBuffer) -> torch.Tensor | None:
+        """Like get(), but the tensor may live in `staging` (valid until its next take())."""
         ...
 
 

@@ -18,8 +18,9 @@ import torch
 
 from kvtier.keys import ChunkKey
 from kvtier.logutil import BurstLog
-from kvtier.storage.base import BatchReader, Tier
+from kvtier.storage.base import BatchReader, StagedReader, Tier
 from kvtier.storage.cpu import CPUTier
+from kvtier.storage.staging import StagingBuffer
 from kvtier.storage.writer import AsyncWriter, WriteJob
 
 log = logging.getLogger("kvtier.storage.chain")
@@ -57,22 +58,35 @@ class TierChain:
         return segments[-1][2] if segments else 0
 
     @contextlib.contextmanager
-    def fetch(self, keys: Sequence[ChunkKey]) -> Iterator[list[torch.Tensor]]:
-        """Yield the tensors of the longest retrievable prefix of `keys`, pinned in L1 meanwhile.
+    def fetch(self, keys: Sequence[ChunkKey], staging: StagingBuffer | None = None) -> Iterator[Iterator[torch.Tensor]]:
+        """Yield an iterator over the tensors of the longest retrievable prefix of `keys`, pinned in
+        L1 meanwhile; it stops early where a chunk vanished or was corrupt.
 
         The tensors are the tiers' own: read them, never modify them, and drop them after the block.
+        Lower-tier chunks are promoted into L1 as they are read. With `staging`, tiers that can
+        read into a caller's buffer do so instead: such a tensor is valid only until the iterator
+        advances, and its key goes to `staging.read_keys` for the caller to promote later.
         """
         segments = self.locate(keys)
         end = segments[-1][2] if segments else 0
         pins = self.l1.pinned(keys[:end]) if self.l1 is not None else contextlib.nullcontext()
         with pins:
-            tensors: list[torch.Tensor] = []
-            for tier, start, stop in segments:
-                got = self._get_run(tier, keys[start:stop])
-                tensors.extend(got)
-                if len(got) < stop - start:
-                    break  # a chunk vanished or was corrupt: the prefix ends here
-            yield tensors
+            yield self._stream(keys, segments, staging)
+
+    def _stream(
+        self, keys: Sequence[ChunkKey], segments: list[Segment], staging: StagingBuffer | None
+    ) -> Iterator[torch.Tensor]:
+        for tier, start, stop in segments:
+            if staging is not None and isinstance(tier, StagedReader):
+                got = self._get_staged(tier, keys[start:stop], staging)
+            else:
+                got = iter(self._get_run(tier, keys[start:stop]))
+            n = 0
+            for kv in got:
+                n += 1
+                yield kv
+            if n < stop - start:
+                return  # a chunk vanished or was corrupt: the prefix ends here
 
     def _get_run(self, tier: Tier, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
@@ -85,10 +99,24 @@ class TierChain:
             out.append(kv)
         return out
 
+    def _get_staged(
+        self, tier: StagedReader, keys: Sequence[ChunkKey], staging: StagingBuffer
+    ) -> Iterator[torch.Tensor]:
+        for key in keys:
+            try:
+                kv = tier.get_into(key, staging)
+            except Exception as exc:  # a broken tier degrades to a miss; the request goes on
+                self._failed(tier, "get", exc)
+                return
+            if kv is None:
+                return
+            staging.read_keys.append(key)
+            yield kv
+
     def promote(self, keys: Sequence[ChunkKey]) -> int:
         """Load lower-tier chunks of the available prefix into L1; return the prefix length in keys."""
         with self.fetch(keys) as tensors:
-            return len(tensors)
+            return sum(1 for _ in tensors)
 
     def store(self, key: ChunkKey, kv: torch.Tensor) -> list[WriteJob]:
         """Put `kv` (owned by the chain from now on) into L1 now and queue it for lower tiers."""
@@ -123,14 +151,16 @@ class TierChain:
         try:
             return tier.prefix_len(keys)
         except Exception as exc:  # a broken tier degrades to a miss; the request goes on
-            tier.stats.errors += 1
-            self._burst.warning(tier.name, "%s: lookup failed, treating as a miss: %r", tier.name, exc)
+            self._failed(tier, "lookup", exc)
             return 0
 
     def _get(self, tier: Tier, key: ChunkKey) -> torch.Tensor | None:
         try:
             return tier.get(key)
         except Exception as exc:  # a broken tier degrades to a miss; the request goes on
-            tier.stats.errors += 1
-            self._burst.warning(tier.name, "%s: get failed, treating as a miss: %r", tier.name, exc)
+            self._failed(tier, "get", exc)
             return None
+
+    def _failed(self, tier: Any, what: str, exc: Exception) -> None:
+        tier.stats.errors += 1
+        self._burst.warning(tier.name, "%s: %s failed, treating as a miss: %r", tier.name, what, exc)

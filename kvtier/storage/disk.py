@@ -42,6 +42,7 @@ from kvtier.logutil import BurstLog
 from kvtier.storage.base import TierStats
 from kvtier.storage.files import object_path, parse_name, unlink_if_present, write_atomic
 from kvtier.storage.policy import EvictionPolicy, make_policy
+from kvtier.storage.staging import StagingBuffer
 
 log = logging.getLogger("kvtier.storage.disk")
 STALE_TMP_SECONDS = 3600.0  # a temporary file this old belongs to a writer that died
@@ -157,9 +158,15 @@ class FileTier:
         return len(keys)
 
     def get(self, key: ChunkKey) -> torch.Tensor | None:
+        return self._get(key, None)
+
+    def get_into(self, key: ChunkKey, staging: StagingBuffer) -> torch.Tensor | None:
+        return self._get(key, staging)
+
+    def _get(self, key: ChunkKey, staging: StagingBuffer | None) -> torch.Tensor | None:
         path = self._path(key)
         try:
-            kv = self._read(path, key)
+            kv = self._read(path, key, staging)
         except FileNotFoundError:
             with self._lock:
                 self._unindex(key)  # evicted by another process sharing the directory
@@ -184,8 +191,9 @@ class FileTier:
         self.stats.hits += 1
         return kv
 
-    def _read(self, path: str, key: ChunkKey) -> torch.Tensor:
-        """The validated value in file `path`; CorruptObjectError (or OSError) otherwise."""
+    def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> torch.Tensor:
+        """The validated value in file `path` (read into `staging` if given); CorruptObjectError
+        (or OSError) otherwise."""
         raise NotImplementedError
 
     def _encode(self, key: ChunkKey, kv: torch.Tensor) -> list[memoryview]:
@@ -282,14 +290,17 @@ class DiskTier(FileTier):
     def _stored_size(self, kv: torch.Tensor) -> int:
         return HEADER_SIZE + kv.nbytes
 
-    def _read(self, path: str, key: ChunkKey) -> torch.Tensor:
+    def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> torch.Tensor:
         with open(path, "rb", buffering=0) as f:
             header = parse_header(f.read(HEADER_SIZE))
             check_header(header, key, self.layout, self.codec)
             size = os.fstat(f.fileno()).st_size
             if size != HEADER_SIZE + header.payload_len:
                 raise CorruptObjectError(f"file is {size} bytes, header says {HEADER_SIZE + header.payload_len}")
-            payload = torch.empty(header.payload_len, dtype=torch.uint8)
+            if staging is None:
+                payload = torch.empty(header.payload_len, dtype=torch.uint8)
+            else:
+                payload = staging.take(header.payload_len)
             view = payload.numpy().data
             digest = _read_hashed(f, view)
         check_digest(header, digest)
@@ -310,7 +321,7 @@ class ObjectDiskTier(FileTier):
     def _stored_size(self, kv: torch.Tensor) -> int:
         return kv.nbytes
 
-    def _read(self, path: str, key: ChunkKey) -> torch.Tensor:
+    def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> torch.Tensor:
         with open(path, "rb", buffering=0) as f:
             head = f.read(HEADER_SIZE)
             header = parse_header(head)

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import torch
 
 from kvtier.keys import ChunkKey
-from kvtier.storage.base import Tier, TierStats
+from kvtier.storage.base import StagedReader, Tier, TierStats
+from kvtier.storage.staging import StagingBuffer
 
 
 class FaultyTier:
@@ -51,6 +52,14 @@ class FaultyTier:
         if self.lose_data:
             return None
         return self.inner.get(key)
+
+    def get_into(self, key: ChunkKey, staging: StagingBuffer) -> torch.Tensor | None:
+        self._enter("get_into")
+        if self.fail_get:
+            raise ConnectionError("injected get failure")
+        if self.lose_data:
+            return None
+        return self.inner.get_into(key, staging) if isinstance(self.inner, StagedReader) else self.inner.get(key)
 
     def put(self, key: ChunkKey, kv: torch.Tensor) -> bool:
         self._enter("put")

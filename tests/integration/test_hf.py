@@ -96,7 +96,9 @@ def test_new_process_hits_the_disk_tier(model_and_tokenizer, engine, tmp_path):
         cached = CachedModel(model, fresh)
         assert cached.generate(ids, NEW).tolist() == want.tolist()
         assert cached.last_stats.cached_tokens == 599
-        assert fresh.stats()["l2"]["hits"] == 3
+        assert fresh.flush(timeout=30)
+        assert fresh.chain.l1.stats.objects == 3  # promoted in the background...
+        assert fresh.stats()["l2"]["hits"] == 6  # ...by reading the three chunks again
 
 
 def test_bad_input(model_and_tokenizer, engine):

@@ -8,6 +8,7 @@ import torch
 
 from kvtier.storage.chain import TierChain
 from kvtier.storage.faulty import FaultyTier
+from kvtier.storage.staging import StagingBuffer
 from kvtier.storage.writer import JobStatus
 from tests.conftest import SMALL, key, random_kv
 
@@ -74,12 +75,33 @@ def test_failing_lower_tier_degrades_to_a_miss(make_cpu, make_disk):
     assert chain.lookup(keys(2)) == 0
     l2.fail_lookup, l2.fail_get = False, True
     with chain.fetch(keys(2)) as tensors:
-        assert tensors == []
+        assert list(tensors) == []
     l2.fail_get, l2.fail_put = False, True
     job = chain.store(key(5), random_kv(SMALL, 4))[0]
     chain.flush(10)
     assert job.status is JobStatus.FAILED and "injected put failure" in job.reason
     assert l2.stats.errors == 2
+    chain.close()
+
+
+def test_staged_reads_share_one_buffer_and_fail_as_misses(make_cpu, make_disk):
+    l2 = FaultyTier(make_disk(100 * (CHUNK + 128)))
+    chain = TierChain(make_cpu(100 * CHUNK), [l2])
+    for i in range(3):
+        l2.inner.put(key(i), random_kv(SMALL, 4, seed=i))
+    staging = StagingBuffer()
+    with chain.fetch(keys(3), staging) as tensors:
+        for i, kv in enumerate(tensors):
+            assert torch.equal(kv, random_kv(SMALL, 4, seed=i))
+            assert kv.untyped_storage().data_ptr() == staging.take(0).untyped_storage().data_ptr()
+    assert staging.read_keys == keys(3) and chain.l1.stats.objects == 0  # the caller promotes
+    l2.fail_get = True
+    with chain.fetch(keys(3), StagingBuffer()) as tensors:
+        assert list(tensors) == []
+    assert l2.stats.errors == 1
+    l2.fail_get, l2.lose_data = False, True
+    with chain.fetch(keys(3), StagingBuffer()) as tensors:
+        assert list(tensors) == []
     chain.close()
 
 
@@ -93,7 +115,7 @@ def test_chunk_lost_between_lookup_and_get_ends_the_prefix(make_cpu, make_disk):
     l1.put(key(3), random_kv(SMALL, 4, seed=3))
     l2.lose_data = True
     with chain.fetch(keys(4)) as tensors:
-        assert len(tensors) == 1  # chunks 1-2 vanished, so chunk 3 cannot be used either
+        assert len(list(tensors)) == 1  # chunks 1-2 vanished, so chunk 3 cannot be used either
     chain.close()
 
 
@@ -103,5 +125,5 @@ def test_no_l1(make_disk):
     chain.store(key(0), random_kv(SMALL, 4))
     chain.flush()
     with chain.fetch(keys(1)) as tensors:
-        assert torch.equal(tensors[0], random_kv(SMALL, 4))
+        assert torch.equal(next(tensors), random_kv(SMALL, 4))
     chain.close()
