@@ -21,6 +21,7 @@ from benchmarks._common import median, paired, report, timeit
 from kvtier import CacheEngine, Config, KVLayout
 from kvtier.codec.raw import RawCodec
 from kvtier.storage.disk import READ_PIECE, DiskTier
+from kvtier.storage.staging import StagingBuffer
 from kvtier.units import GiB
 
 LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16)
@@ -83,6 +84,10 @@ def run(n: int, repeat: int, root: str) -> tuple[list[list[object]], dict[str, f
                             setup=lambda: _remove(paths), subject_setup=clear_disk)  # fmt: skip
     read_s, get_s = paired(lambda: _each(_raw_read, paths), lambda: _each(disk.get, keys), repeat)
     once_s, _ = paired(lambda: _each(_raw_read_once, paths), lambda: None, repeat)
+    # the retrieve path: both sides read into one reused buffer (no fresh pages)
+    reuse, staging = torch.empty(len(blobs[0]), dtype=torch.uint8), StagingBuffer()
+    reuse_s, staged_s = paired(lambda: _each(lambda p: _raw_read(p, reuse), paths),
+                               lambda: _each(lambda k: disk.get_into(k, staging), keys), repeat)  # fmt: skip
     assert all(torch.equal(disk.get(k), c) for k, c in zip(keys, chunks, strict=True))
     # the same from the device: evict both sets of files from the page cache before each read
     cold_s, cold_get_s = paired(lambda: _each(_raw_read, paths), lambda: _each(disk.get, keys), repeat,
@@ -101,6 +106,8 @@ def run(n: int, repeat: int, root: str) -> tuple[list[list[object]], dict[str, f
         ["raw read into new buffers (reference)", raw_read, 1.0, "-"],
         ["raw read, one read() per file", gbps(once_s), read_s / once_s, "raw read"],
         ["L2 read (get)", gbps(get_s), read_s / get_s, "raw read"],
+        ["raw read into a reused buffer (reference)", gbps(reuse_s), 1.0, "-"],
+        ["L2 read into a reused buffer (get_into)", gbps(staged_s), reuse_s / staged_s, "raw, reused buffer"],
         ["raw read, not in page cache (reference)", raw_cold, 1.0, "-"],
         ["L2 read, not in page cache", gbps(cold_get_s), cold_s / cold_get_s, "raw read, not cached"],
         *lookup_rows,
@@ -112,6 +119,7 @@ def run(n: int, repeat: int, root: str) -> tuple[list[list[object]], dict[str, f
         "l1_store_vs_memcpy": round(copy_s / store_s, 3),
         "l2_read_vs_raw": round(read_s / get_s, 3),
         "l2_read_vs_raw_single_read": round(once_s / get_s, 3),
+        "l2_read_reused_buffer_vs_raw": round(reuse_s / staged_s, 3),
         "l2_write_vs_raw": round(write_s / put_s, 3),
         "l2_read_uncached_vs_raw": round(cold_s / cold_get_s, 3),
         **lookup,
@@ -191,11 +199,12 @@ def _each(fn: Any, items: list[Any]) -> None:
         fn(item)
 
 
-def _raw_read(path: str) -> torch.Tensor:
-    """Read a whole file into a new buffer in READ_PIECE reads, as the disk tier does, minus validation."""
+def _raw_read(path: str, reuse: torch.Tensor | None = None) -> torch.Tensor:
+    """Read a whole file into a new buffer (or into `reuse`) in READ_PIECE reads, as the disk tier
+    does, minus validation."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        out = torch.empty(size, dtype=torch.uint8)
+        out = torch.empty(size, dtype=torch.uint8) if reuse is None else reuse[:size]
         view = out.numpy().data
         got = 0
         while got < size:
