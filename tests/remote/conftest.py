@@ -15,13 +15,14 @@ from kvtier.keys import ChunkKey
 from kvtier.storage.remote import open_store
 from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
 from tests.conftest import SMALL, random_kv
-from tests.remote.redis_groups import RedisClusterGroup
+from tests.remote.redis_groups import RedisClusterGroup, RedisSentinelGroup
 from tests.remote.servers import Server, ServerProcess, free_port, kvtier_server, redis_server, s3_server, s3_url
 
-KINDS = ["redis", "redis+cluster", "s3", "fs", "kvtier"]
+KINDS = ["redis", "redis+cluster", "redis+sentinel", "s3", "fs", "kvtier"]
 # kind -> what starts it (fs needs no server)
 STARTERS: dict[str, Callable[[], Server]] = {
-    "redis": redis_server, "redis+cluster": RedisClusterGroup, "s3": s3_server, "kvtier": kvtier_server,
+    "redis": redis_server, "redis+cluster": RedisClusterGroup, "redis+sentinel": RedisSentinelGroup,
+    "s3": s3_server, "kvtier": kvtier_server,
 }  # fmt: skip
 _namespaces = itertools.count(1000)
 
@@ -50,7 +51,7 @@ def url_of(kind: str, servers: dict[str, Server], tmp_path) -> str:
 
 def server_url(kind: str, server: Server) -> str:
     """The URL of a started server of `kind`."""
-    if isinstance(server, RedisClusterGroup):
+    if isinstance(server, RedisClusterGroup | RedisSentinelGroup):
         return server.url
     assert isinstance(server, ServerProcess)
     if kind == "s3":

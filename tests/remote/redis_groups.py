@@ -1,8 +1,8 @@
-"""Redis Cluster deployments for the remote-tier tests, built from ServerProcess.
+"""Redis Cluster and Redis Sentinel deployments for the remote-tier tests, built from ServerProcess.
 
 Each group looks like one server to the tests: `start()` (again after a crash), `kill()` (SIGKILL of
 the node a crash hurts most), `stop()`, and a `url` for the tier. Every process binds 127.0.0.1 on
-free ports and writes its files (cluster node tables) to one temp directory.
+free ports and writes its files (cluster node tables, the sentinel's config) to one temp directory.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 from tests.remote.servers import ServerProcess, free_port, need_binary, redis_server
 
-# cluster nodes fsync their config files on every topology change, blocking while they
+SERVICE = "kvtier"  # the name the sentinel monitors the master under
+# cluster nodes and sentinels fsync their config files on every topology change, blocking while they
 # do: on a busy shared disk that took seconds, so their files go to memory where there is a tmpfs
 _FILES = "/dev/shm" if os.path.isdir("/dev/shm") else None
 T = TypeVar("T")
@@ -125,3 +126,75 @@ def _port_with_free_bus() -> int:
 
 def _cluster_ok(port: int) -> bool:
     return bool(ask(port, lambda c: c.execute_command("CLUSTER INFO")["cluster_state"] == "ok"))
+
+
+def _replica_online(port: int) -> bool:
+    return bool(ask(port, lambda c: c.info("replication").get("slave0", {}).get("state") == "online"))
+
+
+class RedisSentinelGroup:
+    """A master, one replica and one sentinel (quorum 1) that fails over 1 s after the master dies."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="kvtier-sentinel-", dir=_FILES)
+        # a full sync starts at once (it waits 5 s for more replicas by default), also after a failover
+        sync = ("--dir", self.dir, "--repl-diskless-sync-delay", "0")
+        self.master = redis_server(*sync, name="sentinel's master")
+        self.replica = redis_server(*sync, "--replicaof", "127.0.0.1", str(self.master.port), name="sentinel's replica")
+        self.sentinel = self._sentinel()
+        self._killed: list[ServerProcess] = []
+
+    def _sentinel(self) -> ServerProcess:
+        binary = need_binary("redis-server")  # `redis-server --sentinel` is redis-sentinel
+        conf = f"{self.dir}/sentinel.conf"  # the sentinel rewrites it as it learns the topology
+        with open(conf, "w") as f:
+            f.write(
+                f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 1\n"
+                f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                f"sentinel failover-timeout {SERVICE} 5000\n"
+            )
+        argv = lambda port: [binary, conf, "--sentinel", "--port", str(port), "--bind", "127.0.0.1"]  # noqa: E731
+        return ServerProcess(argv, lambda port: bool(ask(port, lambda c: c.ping())), "redis sentinel")
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{SERVICE}"
+
+    def start(self) -> RedisSentinelGroup:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        if self.master.proc is None:
+            self.master.start()
+            self.replica.start()
+            # the sentinel finds replicas in the master's INFO, which it reads at start and then
+            # every 10 s: start it once the replica is attached, so that it can fail over at once
+            wait_for("the replica is in sync", lambda: _replica_online(self.master.port))
+            self.sentinel.start()
+        for server in self._killed:
+            server.start()
+        self._killed.clear()
+
+    def master_port(self) -> int:
+        """The port of the master the sentinel reports now."""
+        return int(ask(self.sentinel.port, lambda c: c.sentinel_get_master_addr_by_name(SERVICE))[1])
+
+    def victim(self) -> ServerProcess:
+        """The server kill() crashes: the current master."""
+        return self.master if self.master.port == self.master_port() else self.replica
+
+    def kill(self) -> None:
+        """SIGKILL the current master (the sentinel promotes the replica about 1 s later)."""
+        victim = self.victim()
+        victim.kill()
+        self._killed.append(victim)
+
+    def stop(self) -> None:
+        for server in (self.sentinel, self.replica, self.master):
+            server.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -48,11 +48,13 @@ def blackhole():
     sock.close()
 
 
-@pytest.mark.parametrize("scheme", ["redis", "redis+cluster", "kvtier", "s3"])
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster", "redis+sentinel", "kvtier", "s3"])
 def test_hung_server_costs_one_deadline_then_nothing(blackhole, scheme):
     url = f"{scheme}://127.0.0.1:{blackhole}"
     if scheme == "s3":
         url = f"s3://bucket/p?endpoint=http://127.0.0.1:{blackhole}&region=us-east-1"
+    if scheme == "redis+sentinel":
+        url += f",127.0.0.1:{blackhole},127.0.0.1:{blackhole}/kvtier"  # three hung sentinels, asked in turn
     tier = make_tier(url, lookup_timeout=0.1, timeout=0.3, backoff=5.0, backoff_max=5.0)
     keys = [key(i, namespace=77) for i in range(4)]
     start = time.monotonic()
@@ -68,9 +70,9 @@ def test_hung_server_costs_one_deadline_then_nothing(blackhole, scheme):
     assert tier.stats.errors == 1 and tier.stats.unavailable == 2
 
 
-@pytest.mark.parametrize("kind", ["redis", "redis+cluster", "kvtier", "s3"])
+@pytest.mark.parametrize("kind", ["redis", "redis+cluster", "redis+sentinel", "kvtier", "s3"])
 def test_kill_9_inside_a_loop_of_stores_and_retrieves(kind):
-    server = STARTERS[kind]().start()  # cluster: kills one of 3 masters
+    server = STARTERS[kind]().start()  # cluster: kills one of 3 masters; sentinel: kills the master
     remote = {"url": server_url(kind, server), "timeout_ms": 500, "lookup_timeout_ms": 200, "backoff_ms": 50,
               "backoff_max_ms": 200}  # fmt: skip
     engine = CacheEngine(Config.from_dict({"chunk_size": 4, "l1": {"size": 0}, "remote": remote}), SMALL, "kill9")
