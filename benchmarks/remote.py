@@ -1,13 +1,15 @@
 """Remote tiers against their raw clients: put/get throughput of 5.9 MB chunks, 32-chunk lookup latency.
 
-Each remote runs on loopback, started by this script (redis-server, moto's S3 server, `kvtier server`,
-a directory for fs://). For each, kvtier's RemoteTier (framing, checksums, breaker) is timed against
-the raw client moving the same framed bytes with the same batching, alternately in the same run:
-redis-py (SET, pipelined GETs of 8, pipelined EXISTS), boto3 (put_object, 8 concurrent get_object,
-concurrent head_object), plain file writes and reads, and kvtier's own client without the tier.
+Each remote runs on loopback, started by this script (redis-server, a 3-master Redis Cluster, a master
++ replica + sentinel, moto's S3 server, `kvtier server`, a directory for fs://). For each, kvtier's
+RemoteTier (framing, checksums, breaker) is timed against the raw client moving the same framed bytes
+with the same batching, alternately in the same run: redis-py (SET, pipelined GETs of 8, pipelined
+EXISTS; RedisCluster's pipeline for the cluster, Sentinel.master_for for sentinel), boto3 (put_object,
+8 concurrent get_object, concurrent head_object), plain file writes and reads, and kvtier's own
+client without the tier.
 Targets: kvtier >= 0.8x the raw client; kvtier server GET >= redis-server GET; lookup in one round trip.
 
-    python -m benchmarks.remote [--chunks 32] [--repeat 5] [--only redis,kvtier]
+    python -m benchmarks.remote [--chunks 32] [--repeat 5] [--only redis,redis+cluster,kvtier]
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from kvtier.keys import ChunkKey
 from kvtier.storage.remote import open_store
 from kvtier.storage.remote.store import object_name
 from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
-from tests.remote.servers import BUCKET, ServerProcess, kvtier_server, redis_server, s3_server, s3_url
+from tests.remote.redis_groups import SERVICE, RedisClusterGroup, RedisSentinelGroup
+from tests.remote.servers import BUCKET, Server, kvtier_server, redis_server, s3_server, s3_url
 
 LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16)
 CHUNK = 256
@@ -68,8 +71,32 @@ def raw_redis(port: int) -> RawClient:
 
     # the same packer as the tier (redis-py's hiredis packer copies big values slowly): the fastest
     # redis-py there is, so the ratio is against the best raw client
-    r = redis.Redis(connection_pool=redis.ConnectionPool(port=port, socket_timeout=30, command_packer=PACKER))
+    return _raw_redis(redis.Redis(connection_pool=redis.ConnectionPool(port=port, socket_timeout=30,
+                                                                       command_packer=PACKER)))  # fmt: skip
 
+
+def raw_redis_cluster(ports: list[int]) -> RawClient:
+    from redis.cluster import ClusterNode, RedisCluster
+
+    from kvtier.storage.remote.redis_cluster import PackedConnection
+
+    seeds = [ClusterNode("127.0.0.1", port) for port in ports[1:]]
+    r = RedisCluster(url=f"redis://127.0.0.1:{ports[0]}", startup_nodes=seeds, socket_timeout=30,
+                     connection_class=PackedConnection)  # fmt: skip
+    raw = _raw_redis(r)
+    raw.ping = lambda: r.ping(target_nodes=RedisCluster.RANDOM)  # one node, as PING elsewhere
+    return raw
+
+
+def raw_redis_sentinel(port: int, service: str) -> RawClient:
+    from redis.sentinel import Sentinel
+
+    from kvtier.storage.remote.redis import PACKER
+
+    return _raw_redis(Sentinel([("127.0.0.1", port)]).master_for(service, socket_timeout=30, command_packer=PACKER))
+
+
+def _raw_redis(r: Any) -> RawClient:
     def pipelined(op: str, names: list[str]) -> list[Any]:
         pipe = r.pipeline(transaction=False)
         for name in names:
@@ -156,12 +183,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=32, help="chunks per measurement (default 32 = 189 MB)")
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
-    parser.add_argument("--only", default="redis,s3,fs,kvtier", help="comma-separated remotes to measure")
+    parser.add_argument("--only", default="redis,redis+cluster,redis+sentinel,s3,fs,kvtier",
+                        help="comma-separated remotes to measure")  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     chunks = [torch.randn(LAYOUT.shape(CHUNK)).to(LAYOUT.dtype) for _ in range(args.chunks)]
     results: dict[str, dict[str, float]] = {}
-    started: list[ServerProcess] = []
+    started: list[Server] = []
     root = tempfile.mkdtemp(prefix="kvtier-bench-remote-")
     try:
         for kind in args.only.split(","):
@@ -175,10 +203,18 @@ def main() -> None:
     _report(results, chunks[0].nbytes)
 
 
-def _remote(kind: str, root: str, started: list[ServerProcess]) -> tuple[str, RawClient]:
+def _remote(kind: str, root: str, started: list[Server]) -> tuple[str, RawClient]:
     if kind == "fs":
         os.makedirs(os.path.join(root, "raw"))
         return f"fs://{root}/tier", raw_fs(os.path.join(root, "raw"))
+    if kind == "redis+cluster":
+        cluster = RedisClusterGroup().start()
+        started.append(cluster)
+        return cluster.url, raw_redis_cluster([node.port for node in cluster.nodes])
+    if kind == "redis+sentinel":
+        group = RedisSentinelGroup().start()
+        started.append(group)
+        return group.url, raw_redis_sentinel(group.sentinel.port, SERVICE)
     server = {"redis": redis_server, "s3": s3_server, "kvtier": kvtier_server}[kind]().start()
     started.append(server)
     if kind == "redis":

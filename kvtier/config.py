@@ -69,7 +69,7 @@ class DiskConfig:
 
 @dataclass(frozen=True, slots=True)
 class RemoteConfig:
-    """The remote (L3) tier, selected by URL (redis://, s3://, fs://, kvtier://)."""
+    """The remote (L3) tier, selected by URL (redis://, redis+cluster://, redis+sentinel://, s3://, fs://, kvtier://)."""
 
     url: str | None = _opt("optstr", None, "remote tier URL; unset disables it")
     codec: str = _opt("str", "raw", "codec of objects written to the remote tier")

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import pytest
 
@@ -34,6 +35,14 @@ def need_binary(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+class Server(Protocol):
+    """A server, or a group of them that the tests treat as one (redis_groups.py)."""
+
+    def start(self) -> Server: ...  # (again after kill)
+    def kill(self) -> None: ...  # SIGKILL, as a crash would
+    def stop(self) -> None: ...
 
 
 class ServerProcess:
@@ -88,7 +97,8 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def redis_server() -> ServerProcess:
+def redis_server(*extra: str, name: str = "redis-server") -> ServerProcess:
+    """redis-server without persistence; `extra` arguments are appended ("--cluster-enabled", "yes")."""
     binary = need_binary("redis-server")
 
     def ready(port: int) -> bool:
@@ -99,8 +109,10 @@ def redis_server() -> ServerProcess:
         except redis.RedisError:
             return False
 
-    argv = lambda port: [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]  # noqa: E731
-    return ServerProcess(argv, ready, "redis-server")
+    def argv(port: int) -> list[str]:
+        return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra]
+
+    return ServerProcess(argv, ready, name)
 
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "kvtier-test", "AWS_SECRET_ACCESS_KEY": "kvtier-test", "AWS_DEFAULT_REGION": "us-east-1"}

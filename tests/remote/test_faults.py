@@ -11,8 +11,7 @@ import torch
 from kvtier import CacheEngine, Config
 from kvtier.storage.remote.breaker import Breaker
 from tests.conftest import SMALL, key, random_kv
-from tests.remote.conftest import kvtier_server, make_tier
-from tests.remote.servers import redis_server, s3_server, s3_url
+from tests.remote.conftest import STARTERS, make_tier, server_url, store_until_a_hit
 
 
 class FakeClock:
@@ -49,11 +48,13 @@ def blackhole():
     sock.close()
 
 
-@pytest.mark.parametrize("scheme", ["redis", "kvtier", "s3"])
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster", "redis+sentinel", "kvtier", "s3"])
 def test_hung_server_costs_one_deadline_then_nothing(blackhole, scheme):
     url = f"{scheme}://127.0.0.1:{blackhole}"
     if scheme == "s3":
         url = f"s3://bucket/p?endpoint=http://127.0.0.1:{blackhole}&region=us-east-1"
+    if scheme == "redis+sentinel":
+        url += f",127.0.0.1:{blackhole},127.0.0.1:{blackhole}/kvtier"  # three hung sentinels, asked in turn
     tier = make_tier(url, lookup_timeout=0.1, timeout=0.3, backoff=5.0, backoff_max=5.0)
     keys = [key(i, namespace=77) for i in range(4)]
     start = time.monotonic()
@@ -63,28 +64,24 @@ def test_hung_server_costs_one_deadline_then_nothing(blackhole, scheme):
     assert tier.get(keys[0]) is None and not tier.put(keys[0], random_kv(SMALL, 4))
     rest = time.monotonic() - start
     tier.close()
-    assert first < 0.1 + 0.4, f"lookup took {first:.3f} s against a 0.1 s deadline"
+    slack = 0.4 if scheme in ("kvtier", "s3") else 0.15  # (redis-py: socket timeouts or a worker thread)
+    assert first < 0.1 + slack, f"lookup took {first:.3f} s against a 0.1 s deadline"
     assert rest < 0.05, f"calls while marked down took {rest:.3f} s"
     assert tier.stats.errors == 1 and tier.stats.unavailable == 2
 
 
-def _start(kind: str):
-    return {"redis": redis_server, "s3": s3_server, "kvtier": kvtier_server}[kind]().start()
-
-
-def _url(kind: str, server) -> str:
-    return s3_url(server) if kind == "s3" else f"{kind}://127.0.0.1:{server.port}"
-
-
-@pytest.mark.parametrize("kind", ["redis", "kvtier", "s3"])
+@pytest.mark.parametrize("kind", ["redis", "redis+cluster", "redis+sentinel", "kvtier", "s3"])
 def test_kill_9_inside_a_loop_of_stores_and_retrieves(kind):
-    server = _start(kind)
-    remote = {"url": _url(kind, server), "timeout_ms": 500, "lookup_timeout_ms": 200, "backoff_ms": 50,
+    server = STARTERS[kind]().start()  # cluster: kills one of 3 masters; sentinel: kills the master
+    remote = {"url": server_url(kind, server), "timeout_ms": 500, "lookup_timeout_ms": 200, "backoff_ms": 50,
               "backoff_max_ms": 200}  # fmt: skip
     engine = CacheEngine(Config.from_dict({"chunk_size": 4, "l1": {"size": 0}, "remote": remote}), SMALL, "kill9")
     hits = {"before": 0, "down": 0, "after": 0}
     slowest = 0.0
     try:
+        # the first call connects; a cluster client also reads the slot map and the command table,
+        # which on a busy machine can outlast the deadline: that call misses and the next one hits
+        store_until_a_hit(engine, seconds=10.0, base=1_000_000)
         for i in range(60):
             phase = "before" if i < 20 else "down" if i < 40 else "after"
             if i == 20:
@@ -106,6 +103,7 @@ def test_kill_9_inside_a_loop_of_stores_and_retrieves(kind):
         engine.close()
         server.stop()
     assert hits["before"] == 20, hits
-    assert hits["down"] == 0, hits
+    if kind != "redis+cluster":  # (the other masters still serve prompts whose chunks avoid the dead one)
+        assert hits["down"] == 0, hits
     assert hits["after"] >= 10, hits  # the breaker lets a trial through within backoff_max_ms
     assert slowest < 3.0, f"one store+flush+retrieve took {slowest:.2f} s"

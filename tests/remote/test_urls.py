@@ -45,3 +45,44 @@ def test_redis_family_schemes_open(scheme):
     store = open_store(f"{scheme}://127.0.0.1:1/0")  # connects lazily: nothing listens on port 1
     assert store.scheme == scheme and store.where.startswith(f"{scheme}://127.0.0.1:1")
     store.close()
+
+
+@pytest.mark.parametrize("family", ["redis", "rediss", "valkey", "valkeys"])
+@pytest.mark.parametrize(("topology", "path"), [("cluster", ""), ("sentinel", "/mymaster/2")])
+def test_cluster_and_sentinel_schemes_open(family, topology, path):
+    scheme = f"{family}+{topology}"
+    store = open_store(f"{scheme}://user:p%40ss@127.0.0.1:1,[::1]:2,localhost{path}")  # connects lazily
+    default_port = 6379 if topology == "cluster" else 26379
+    assert store.where == f"{scheme}://127.0.0.1:1,[::1]:2,localhost:{default_port}{path}"
+    assert store._auth == {"username": "user", "password": "p@ss"}
+    assert store.tls == (family in ("rediss", "valkeys"))
+    store.close()
+
+
+def test_tls_options_reach_the_client():
+    store = open_store("rediss+cluster://10.0.0.1:7000?ssl_cert_reqs=none&ssl_ca_certs=/etc/ca.pem")
+    assert store._auth == {"ssl_cert_reqs": "none", "ssl_ca_certs": "/etc/ca.pem"}
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+cluster://h:1,h:x", "'h:x' is not host:port"),
+        ("redis+cluster://h:1,h:99999", "'h:99999' is not host:port"),
+        ("redis+cluster://h:1,,h:2", "'' is not host:port"),
+        ("redis+cluster://h:1/3", "a Redis Cluster has only database 0"),
+        ("redis+sentinel://h:26379", "expected redis\\+sentinel://host:port.*/service_name"),
+        ("redis+sentinel://h:26379/mymaster/x", "expected redis\\+sentinel://"),
+        ("rediss+cluster://h:1?socket_timeout=5", "does not take socket_timeout.*remote.\\* settings"),
+        ("redis+sentinel://h:1/m?ssl_cert_reqs=none", "TLS options need rediss\\+"),
+    ],
+)
+def test_bad_cluster_and_sentinel_urls(url, message):
+    with pytest.raises(ConfigError, match=message):
+        open_store(url)
+
+
+def test_lmcache_sentinel_url_gets_a_hint():
+    with pytest.raises(ConfigError, match="redis\\+sentinel://h1:p1,h2:p2/<master name>"):
+        Config.from_dict({"remote": {"url": "redis-sentinel://10.0.0.1:26379,10.0.0.2:26379"}})

@@ -1,6 +1,8 @@
 """Remote (L3) tiers selected by URL: a registry of backends, imported only when configured.
 
     redis://[:password@]host:port/db   rediss:// (TLS)   valkey:// and valkeys:// (same protocol)
+    redis+cluster://host:port[,host:port...]   redis+sentinel://host:port[,host:port...]/service[/db]
+    (and rediss+, valkey+, valkeys+ of each)
     s3://bucket/prefix?endpoint=http://host:port&region=us-east-1
     fs:///shared/path                  kvtier://[:token@]host:port
 
@@ -22,12 +24,12 @@ if TYPE_CHECKING:
     from kvtier.storage.remote.store import ObjectStore
     from kvtier.storage.remote.tier import RemoteTier
 
+_REDIS = ("redis", "rediss", "valkey", "valkeys")  # Valkey speaks Redis's protocol; rediss, valkeys: TLS
 # URL scheme -> "module:factory" (the module is imported on first use, so its client library is optional)
 BACKENDS: dict[str, str] = {
-    "redis": "kvtier.storage.remote.redis:open_store",
-    "rediss": "kvtier.storage.remote.redis:open_store",
-    "valkey": "kvtier.storage.remote.redis:open_store",
-    "valkeys": "kvtier.storage.remote.redis:open_store",
+    **{scheme: "kvtier.storage.remote.redis:open_store" for scheme in _REDIS},
+    **{f"{scheme}+cluster": "kvtier.storage.remote.redis_cluster:open_store" for scheme in _REDIS},
+    **{f"{scheme}+sentinel": "kvtier.storage.remote.redis_sentinel:open_store" for scheme in _REDIS},
     "s3": "kvtier.storage.remote.s3:open_store",
     "fs": "kvtier.storage.remote.fs:open_store",
     "kvtier": "kvtier.server.client:open_store",
@@ -35,7 +37,7 @@ BACKENDS: dict[str, str] = {
 # schemes of LMCache's remote_url that kvtier does not speak, with what to use instead
 _FOREIGN = {
     "lm": "LMCache's lm:// server protocol is not supported; run `kvtier server` and use kvtier://host:port",
-    "redis-sentinel": "Redis Sentinel is not supported yet; point redis:// at the current primary",
+    "redis-sentinel": "write LMCache's redis-sentinel://h1:p1,h2:p2 as redis+sentinel://h1:p1,h2:p2/<master name>",
 }
 
 
