@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 from urllib.parse import SplitResult
 
+import numpy as np
+
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 from kvtier.storage.files import object_path, unlink_if_present, write_atomic
@@ -71,19 +73,18 @@ class FsStore:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _read(path: str) -> bytearray | None:
+def _read(path: str) -> memoryview | None:
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            buf = bytearray(size)
-            view = memoryview(buf)
+            view = np.empty(size, dtype=np.uint8).data  # not zero-filled first, as a bytearray is
             got = 0
             while got < size:
                 n = f.readinto(view[got:])
                 if not n:
                     break  # truncated under us: the framing check rejects it
                 got += n
-            return buf if got == size else buf[:got]
+            return view if got == size else view[:got]
     except FileNotFoundError:
         return None
 
