@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from benchmarks._common import median, paired, report, timeit
@@ -135,9 +136,12 @@ def raw_fs(root: str) -> RawClient:
         with open(path(name), "wb") as f:
             f.write(blob)
 
-    def read(name: str) -> bytes:
-        with open(path(name), "rb") as f:
-            return f.read()
+    def read(name: str) -> np.ndarray:
+        # into an uninitialised buffer, as the fs tier reads (f.read() was 1.5-2.6x slower here)
+        with open(path(name), "rb", buffering=0) as f:
+            buf = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)
+            f.readinto(buf.data)
+        return buf
 
     return RawClient(put, lambda names: [read(n) for n in names],
                      lambda names: [os.path.exists(path(n)) for n in names], lambda: os.stat(root))  # fmt: skip
