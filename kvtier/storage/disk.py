@@ -52,7 +52,7 @@ class FileTier:
     """Framed objects in files under `root`, at most `capacity` bytes known to this process.
 
     Subclasses say what a value is: `_encode` turns one into the buffers of its file, `_read` reads
-    and validates a file back into a value, `_stored_size` is a value's file size.
+    and validates a file back into a value and says the file's size.
     """
 
     def __init__(
@@ -159,7 +159,7 @@ class FileTier:
     def get(self, key: ChunkKey) -> torch.Tensor | None:
         path = self._path(key)
         try:
-            kv = self._read(path, key)
+            kv, size = self._read(path, key)
         except FileNotFoundError:
             with self._lock:
                 self._unindex(key)  # evicted by another process sharing the directory
@@ -179,21 +179,17 @@ class FileTier:
         with self._lock:
             if key in self._sizes:
                 self._policy.touch(key)
-            elif self._make_room(self._stored_size(kv)):
-                self._index(key, self._stored_size(kv))
+            elif self._make_room(size):
+                self._index(key, size)
         self.stats.hits += 1
         return kv
 
-    def _read(self, path: str, key: ChunkKey) -> torch.Tensor:
-        """The validated value in file `path`; CorruptObjectError (or OSError) otherwise."""
+    def _read(self, path: str, key: ChunkKey) -> tuple[torch.Tensor, int]:
+        """The validated value in file `path` and the file's size; CorruptObjectError (or OSError) otherwise."""
         raise NotImplementedError
 
     def _encode(self, key: ChunkKey, kv: torch.Tensor) -> list[memoryview]:
         """The bytes of `kv`'s file, as buffers written back to back."""
-        raise NotImplementedError
-
-    def _stored_size(self, kv: torch.Tensor) -> int:
-        """The size of `kv`'s file."""
         raise NotImplementedError
 
     def put(self, key: ChunkKey, kv: torch.Tensor) -> bool:
@@ -279,10 +275,7 @@ class DiskTier(FileTier):
         header, payload = encode_object(key, self.layout, self.codec, kv)
         return [memoryview(header), payload.cast("B")]
 
-    def _stored_size(self, kv: torch.Tensor) -> int:
-        return HEADER_SIZE + kv.nbytes
-
-    def _read(self, path: str, key: ChunkKey) -> torch.Tensor:
+    def _read(self, path: str, key: ChunkKey) -> tuple[torch.Tensor, int]:
         with open(path, "rb", buffering=0) as f:
             header = parse_header(f.read(HEADER_SIZE))
             check_header(header, key, self.layout, self.codec)
@@ -293,7 +286,7 @@ class DiskTier(FileTier):
             view = payload.numpy().data
             digest = _read_hashed(f, view)
         check_digest(header, digest)
-        return self.codec.decode(view, header.shape, header.dtype)
+        return self.codec.decode(view, header.shape, header.dtype, header.params), size
 
 
 class ObjectDiskTier(FileTier):
@@ -307,10 +300,7 @@ class ObjectDiskTier(FileTier):
     def _encode(self, key: ChunkKey, kv: torch.Tensor) -> list[memoryview]:
         return [kv.numpy().data.cast("B")]
 
-    def _stored_size(self, kv: torch.Tensor) -> int:
-        return kv.nbytes
-
-    def _read(self, path: str, key: ChunkKey) -> torch.Tensor:
+    def _read(self, path: str, key: ChunkKey) -> tuple[torch.Tensor, int]:
         with open(path, "rb", buffering=0) as f:
             head = f.read(HEADER_SIZE)
             header = parse_header(head)
@@ -324,7 +314,7 @@ class ObjectDiskTier(FileTier):
             view[:HEADER_SIZE] = head
             digest = _read_hashed(f, view[HEADER_SIZE:])
         check_digest(header, digest)
-        return obj
+        return obj, size
 
 
 def _ensure_writable(root: Path) -> None:
