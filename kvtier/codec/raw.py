@@ -6,7 +6,10 @@ import math
 
 import torch
 
+from kvtier.codec.spec import CodecSpec
 from kvtier.errors import CorruptObjectError
+
+_NO_PARAMS = bytes(16)
 
 
 class RawCodec:
@@ -14,6 +17,11 @@ class RawCodec:
 
     name = "raw"
     codec_id = 1
+    spec = "raw"
+    params = _NO_PARAMS
+
+    def __init__(self, spec: CodecSpec | None = None) -> None:
+        pass  # raw has no options
 
     def encode(self, kv: torch.Tensor) -> memoryview:
         """The tensor's bytes; a view when the tensor is already contiguous on the CPU."""
@@ -21,9 +29,15 @@ class RawCodec:
         return flat.view(torch.uint8).numpy().data
 
     def decode(
-        self, payload: bytes | bytearray | memoryview, shape: tuple[int, ...], dtype: torch.dtype
+        self,
+        payload: bytes | bytearray | memoryview,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        params: bytes | None = None,
     ) -> torch.Tensor:
         """A tensor sharing memory with `payload` (which must be writable and stay alive)."""
+        if params is not None and params != _NO_PARAMS:
+            raise CorruptObjectError("raw objects carry no codec parameters")
         elem = torch.empty((), dtype=dtype).element_size()
         expected = math.prod(shape) * elem
         if len(payload) != expected:
@@ -31,3 +45,7 @@ class RawCodec:
         if expected == 0:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(payload, dtype=torch.uint8).view(dtype).view(shape)
+
+    def error_bound(self, kv: torch.Tensor) -> torch.Tensor:
+        """Zero: raw is lossless."""
+        return torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)

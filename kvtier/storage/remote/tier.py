@@ -79,9 +79,10 @@ class RemoteTier:
         self.stats = TierStats()
         self.breaker = Breaker(self.options.backoff, self.options.backoff_max, clock)
         self._burst = BurstLog(log)
-        # The codec is part of an object's identity: a tier whose codec differs from the engine's
-        # stores under a namespace derived from both, so engines with other codecs never read it.
-        self._ns_salt = None if engine_codec in (None, codec.name) else f"codec={codec.name}".encode()
+        # The codec is part of an object's identity: a tier whose codec spec (with its options)
+        # differs from the engine's stores under a namespace derived from both, so engines with
+        # other codecs never read it. `engine_codec` is the engine's canonical spec.
+        self._ns_salt = None if engine_codec in (None, codec.spec) else f"codec={codec.spec}".encode()
         self._ns_cache: dict[bytes, bytes] = {}
         self._down = False  # the last call failed (logged once when the remote answers again)
 
