@@ -14,16 +14,16 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtier.errors import CorruptObjectError
+from kvtier.errors import CodecError, CorruptObjectError
 
 _F16_TINY = 2.0**-24  # the smallest positive float16 (a subnormal): the least step a grid has
 _F32_SLACK = 2.0**-21  # float32 arithmetic of quantize/dequantize, relative to the values' magnitude
 
 
 def check_finite(values: torch.Tensor, what: str) -> None:
-    """ValueError unless every element is finite (lossy codecs cannot represent inf or NaN)."""
+    """CodecError unless every element is finite (lossy codecs cannot represent inf or NaN)."""
     if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{what}: KV holds values that are infinite, NaN or beyond float16 range")
+        raise CodecError(f"{what}: KV holds infinite or NaN values, or values beyond the codec's float16 grids")
 
 
 def _round_f16(x: torch.Tensor, down: bool) -> torch.Tensor:
@@ -34,12 +34,10 @@ def _round_f16(x: torch.Tensor, down: bool) -> torch.Tensor:
     return torch.where(wrong, torch.nextafter(h, target), h)
 
 
-def fit_grid(
-    x: torch.Tensor, dims: int | Sequence[int], levels: int | torch.Tensor, what: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """float16 (lo, step) of grids over `dims` of float32 `x` (kept as size-1 dims)."""
-    lo = x.amin(dims, keepdim=True)
-    hi = x.amax(dims, keepdim=True)
+def fit_grid(x: torch.Tensor, dim: int, levels: int | torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16 (lo, step) of grids along `dim` of float32 `x` (kept as a size-1 dim)."""
+    lo = x.amin(dim, keepdim=True)
+    hi = x.amax(dim, keepdim=True)
     lo16 = _round_f16(lo, down=True)
     step16 = _round_f16(((hi - lo16.float()) / levels).clamp_min(_F16_TINY), down=False)
     check_finite(lo16, what)
@@ -61,12 +59,12 @@ def dequantize(q: torch.Tensor, lo16: torch.Tensor, step16: torch.Tensor) -> tor
     return q.float().mul_(step16.float()).add_(lo16.float())
 
 
-def grid_bound(x: torch.Tensor, dims: int | Sequence[int], levels: int | torch.Tensor) -> torch.Tensor:
-    """The documented error bound of grids over `dims`: half a step, step = (max - min) / levels,
+def grid_bound(x: torch.Tensor, dim: int, levels: int | torch.Tensor) -> torch.Tensor:
+    """The documented error bound of grids along `dim`: half a step, step = (max - min) / levels,
     widened by the float16 rounding of min and of the step (2^-10 relative, 2^-24 absolute each),
     plus float32 arithmetic (2^-21 of the magnitude)."""
-    lo = x.amin(dims, keepdim=True)
-    hi = x.amax(dims, keepdim=True)
+    lo = x.amin(dim, keepdim=True)
+    hi = x.amax(dim, keepdim=True)
     step = (hi - lo + lo.abs() * 2.0**-10 + _F16_TINY) / levels * (1 + 2.0**-10) + _F16_TINY
     magnitude = torch.maximum(lo.abs(), hi.abs())
     return (step / 2 + magnitude * _F32_SLACK).expand_as(x)

@@ -35,7 +35,7 @@ from kvtier.codec.framing import (
     parse_header,
     payload_hasher,
 )
-from kvtier.errors import ConfigError, CorruptObjectError
+from kvtier.errors import CodecError, ConfigError, CorruptObjectError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.logutil import BurstLog
@@ -198,7 +198,12 @@ class FileTier:
                 if key in self._sizes:
                     self._policy.touch(key)
             return True
-        buffers = self._encode(key, kv)
+        try:
+            buffers = self._encode(key, kv)
+        except CodecError as exc:
+            self._burst.warning("encode", "%s: cannot store %s: %s", self.name, key, exc)
+            self.stats.put_failures += 1
+            return False
         size = sum(b.nbytes for b in buffers)
         with self._lock:
             if not self._make_room(size):

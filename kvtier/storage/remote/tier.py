@@ -21,7 +21,7 @@ import torch
 
 from kvtier.codec import Codec
 from kvtier.codec.framing import decode_object, encode_object
-from kvtier.errors import CorruptObjectError
+from kvtier.errors import CodecError, CorruptObjectError
 from kvtier.keys import DIGEST_BYTES, ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.logutil import BurstLog
@@ -122,7 +122,12 @@ class RemoteTier:
 
     def put(self, key: ChunkKey, kv: torch.Tensor) -> bool:
         rkey = self._remote_key(key)
-        header, payload = encode_object(rkey, self.layout, self.codec, kv)
+        try:
+            header, payload = encode_object(rkey, self.layout, self.codec, kv)
+        except CodecError as exc:
+            self._burst.warning("encode", "%s: cannot store %s: %s", self.name, key, exc)
+            self.stats.put_failures += 1
+            return False
 
         def put() -> bool:
             self.store.put(rkey, [header, payload], self.options.timeout)
