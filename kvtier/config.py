@@ -100,7 +100,7 @@ class Config:
     chunk_size: int = _opt("int", 256, "tokens per chunk (a multiple of the engine's block size)")
     hash: str = _opt("str", "blake3", "chunk hash: blake3, sha256 or xxh128")
     save_partial_chunks: bool = _opt("bool", True, "also store a trailing chunk shorter than chunk_size")
-    codec: str = _opt("str", "raw", "codec spec of disk objects: raw, fp8, fp8-e5m2, kivi-2, kivi-4, cachegen[:opt=v,...]")
+    codec: str = _opt("str", "raw", "codec of disk objects: raw, fp8, fp8-e5m2, kivi-2, kivi-4, cachegen[:opt=v,..]")
     tenant: str = _opt("str", "", "salt mixed into every key; tenants never share KV")
     write_queue: int = _opt("int", 256, "pending lower-tier writes (chunks) before the oldest is dropped")
     log_level: str = _opt("str", "warning", "logging level of the kvtier logger")

@@ -25,6 +25,7 @@ Error bound: half a grid step per value (as KIVI: `grid.grid_bound`), plus outpu
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -90,10 +91,9 @@ class CacheGenCodec:
                 records[i][f"first{j}"], records[i][f"len{j}"] = stream.first, len(stream.counts)
                 records[i][f"words{j}"] = len(stream.words)
             streams += parts
-        tail = np.concatenate([records.view(np.uint8)] + [s.counts.view(np.uint8) for s in streams]
-                              + [s.words.view(np.uint8) for s in streams])
-        checksum = torch.tensor(list(xxhash.xxh3_64_digest(codes)), dtype=torch.uint8)
-        return join([*grids, checksum, torch.from_numpy(tail)])
+        checksum = np.frombuffer(xxhash.xxh3_64_digest(codes.data), dtype=np.uint8)
+        tail = [checksum, records.view(np.uint8), *(s.counts for s in streams), *(s.words for s in streams)]
+        return join([*grids, torch.from_numpy(np.concatenate([t.view(np.uint8) for t in tail]))])
 
     def _segment(self, codes: np.ndarray, plane: int, levels: int) -> tuple[int, list[entropy.Stream]]:
         """(mode, streams) of one layer's codes [T, C]: plain, or anchors + deltas (keys only)."""
@@ -117,32 +117,21 @@ class CacheGenCodec:
         """The canonical tensor of a payload; dequantized on `device` (default CPU) when given."""
         kbits, vbits, anchor = _parse_params(self.params if params is None else params)
         planes, layers, tokens, heads, dim = shape
-        channels = heads * dim
-        grid_sizes = [2 * layers * (channels if p == 0 else tokens) for p in range(planes) for _ in (0, 1)]
-        head = sum(grid_sizes) + 8 + planes * layers * _RECORD.itemsize
-        if len(payload) < head:
-            raise CorruptObjectError(f"cachegen payload is {len(payload)} bytes, shorter than its {head}-byte head")
-        data = np.frombuffer(payload, dtype=np.uint8)
-        records = data[head - planes * layers * _RECORD.itemsize : head].view(_RECORD)
-        table_words = int(records["len0"].sum(dtype=np.int64) + records["len1"].sum(dtype=np.int64))
-        stream_words = int(records["words0"].sum(dtype=np.int64) + records["words1"].sum(dtype=np.int64))
-        sections = split(payload, [*grid_sizes, 8, len(records) * _RECORD.itemsize, 4 * (table_words + stream_words)], self.name)
-        tables = _u32(data[head : head + 4 * table_words])
-        words = _u32(data[head + 4 * table_words :])
+        grids, checksum, records, tables, words = _sections(payload, shape, self.name)
         levels = _levels((kbits, vbits), planes, layers, "cpu")
-        codes = np.empty((planes, layers, tokens, channels), dtype=np.uint8)
+        codes = np.empty((planes, layers, tokens, heads * dim), dtype=np.uint8)
         cursor = [0, 0]
         for i, (plane, layer) in enumerate(np.ndindex(planes, layers)):
-            lv = int(levels[plane, layer])
-            codes[plane, layer] = _decode_segment(records[i], plane, lv, anchor, (tokens, channels), tables, words, cursor)
-        if xxhash.xxh3_64_digest(codes) != bytes(sections[len(grid_sizes)].numpy()):
+            segment = _Segment(plane, int(levels[plane, layer]), anchor, codes.shape[2:])
+            codes[plane, layer] = segment.decode(records[i], tables, words, cursor)
+        if xxhash.xxh3_64_digest(codes.data) != checksum:
             raise CorruptObjectError("cachegen codes do not match their checksum")
-        q = torch.from_numpy(codes).to(device) if device else torch.from_numpy(codes)
+        q = torch.from_numpy(codes).to(device)
         out = torch.empty(shape, dtype=dtype, device=device)
         for plane in range(planes):
-            gshape = (layers, 1, channels) if plane == 0 else (layers, tokens, 1)
-            lo = as_dtype(sections[2 * plane], torch.float16, gshape).to(q.device)
-            step = as_dtype(sections[2 * plane + 1], torch.float16, gshape).to(q.device)
+            gshape = (layers, 1, heads * dim) if plane == 0 else (layers, tokens, 1)
+            lo = as_dtype(grids[2 * plane], torch.float16, gshape).to(q.device)
+            step = as_dtype(grids[2 * plane + 1], torch.float16, gshape).to(q.device)
             out[plane] = dequantize(q[plane], lo, step).view(out[plane].shape)
         return out
 
@@ -179,31 +168,57 @@ def _anchor_deltas(codes: np.ndarray, anchor: int, levels: int) -> tuple[np.ndar
     return codes[::anchor].reshape(-1).astype(np.int32), deltas.reshape(-1)
 
 
-def _decode_segment(
-    record: np.void, plane: int, levels: int, anchor: int, shape: tuple[int, int],
-    tables: np.ndarray, words: np.ndarray, cursor: list[int],
-) -> np.ndarray:  # fmt: skip
-    """The codes [T, C] of one (plane, layer) record; `cursor` walks the tables and the words."""
-    tokens, channels = shape
-    mode = int(record["mode"])
-    if mode == 0:
-        if int(record["len1"]) or int(record["words1"]):
-            raise CorruptObjectError("a plain cachegen layer has a second stream")
-        return _read_stream(record, 0, tables, words, cursor, tokens * channels, levels).reshape(shape)
-    if mode != 1 or plane != 0 or tokens < 2:
-        raise CorruptObjectError(f"cachegen layer mode {mode} is invalid for plane {plane} of {tokens} tokens")
-    num_anchors = -(-tokens // anchor)
-    anchors = _read_stream(record, 0, tables, words, cursor, num_anchors * channels, levels)
-    deltas = _read_stream(record, 1, tables, words, cursor, (tokens - num_anchors) * channels, 2 * levels)
-    anchors = anchors.reshape(num_anchors, channels)
-    rows = np.arange(tokens)
-    others = rows % anchor != 0
-    out = np.empty(shape, dtype=np.int32)
-    out[::anchor] = anchors
-    out[others] = deltas.reshape(-1, channels) - levels + anchors[(rows // anchor)[others]]
-    if out.min() < 0 or out.max() > levels:
-        raise CorruptObjectError("cachegen deltas leave the grid")
-    return out
+def _sections(
+    payload: bytes | bytearray | memoryview, shape: tuple[int, ...], what: str
+) -> tuple[list[torch.Tensor], bytes, np.ndarray, np.ndarray, np.ndarray]:
+    """(grid sections, code checksum, records, count tables, stream words) of a payload."""
+    planes, layers, tokens, heads, dim = shape
+    grid_sizes = [2 * layers * (heads * dim if p == 0 else tokens) for p in range(planes) for _ in (0, 1)]
+    head = sum(grid_sizes) + 8 + planes * layers * _RECORD.itemsize
+    if len(payload) < head:
+        raise CorruptObjectError(f"{what} payload is {len(payload)} bytes, shorter than its {head}-byte head")
+    data = np.frombuffer(payload, dtype=np.uint8)
+    records = data[head - planes * layers * _RECORD.itemsize : head].view(_RECORD)
+    table_words = int(records["len0"].sum(dtype=np.int64) + records["len1"].sum(dtype=np.int64))
+    stream_words = int(records["words0"].sum(dtype=np.int64) + records["words1"].sum(dtype=np.int64))
+    sizes = [*grid_sizes, 8, records.nbytes, 4 * (table_words + stream_words)]
+    sections = split(payload, sizes, what)
+    tables = _u32(data[head : head + 4 * table_words])
+    words = _u32(data[head + 4 * table_words :])
+    return sections[: len(grid_sizes)], bytes(sections[len(grid_sizes)].numpy()), records, tables, words
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """How to decode the codes [T, C] of one (plane, layer) from its record."""
+
+    plane: int
+    levels: int  # the layer's grid has levels + 1 points
+    anchor: int
+    shape: tuple[int, ...]  # (tokens, channels)
+
+    def decode(self, record: np.void, tables: np.ndarray, words: np.ndarray, cursor: list[int]) -> np.ndarray:
+        """The layer's codes; `cursor` (next table word, next stream word) walks tables and words."""
+        tokens, channels = self.shape
+        mode = int(record["mode"])
+        if mode == 0:
+            if int(record["len1"]) or int(record["words1"]):
+                raise CorruptObjectError("a plain cachegen layer has a second stream")
+            return _read_stream(record, 0, tables, words, cursor, tokens * channels, self.levels).reshape(self.shape)
+        if mode != 1 or self.plane != 0 or tokens < 2:
+            raise CorruptObjectError(f"cachegen layer mode {mode} is invalid for plane {self.plane} of {tokens} tokens")
+        num_anchors = -(-tokens // self.anchor)
+        anchors = _read_stream(record, 0, tables, words, cursor, num_anchors * channels, self.levels)
+        deltas = _read_stream(record, 1, tables, words, cursor, (tokens - num_anchors) * channels, 2 * self.levels)
+        anchors = anchors.reshape(num_anchors, channels)
+        rows = np.arange(tokens)
+        others = rows % self.anchor != 0
+        out = np.empty(self.shape, dtype=np.int32)
+        out[:: self.anchor] = anchors
+        out[others] = deltas.reshape(-1, channels) - self.levels + anchors[(rows // self.anchor)[others]]
+        if out.min() < 0 or out.max() > self.levels:
+            raise CorruptObjectError("cachegen deltas leave the grid")
+        return out
 
 
 def _read_stream(
@@ -229,9 +244,9 @@ def _parse_params(params: bytes) -> tuple[tuple[int, ...], tuple[int, ...], int]
     if len(params) != _PARAMS.size:
         raise CorruptObjectError("cachegen parameters are malformed")
     version, nk, nv, delta, anchor, kraw, vraw = _PARAMS.unpack(params)
-    ok = version == _VERSION and 1 <= nk <= 4 and 1 <= nv <= 4 and delta in _DELTA.values() and 2 <= anchor <= 1024
     kbits, vbits = tuple(kraw[:nk]), tuple(vraw[:nv])
-    ok = ok and all(2 <= b <= 8 for b in kbits + vbits) and not any(kraw[nk:] + vraw[nv:]) and not params[14:].strip(b"\0")
-    if not ok:
+    ok = version == _VERSION and 1 <= nk <= 4 and 1 <= nv <= 4 and delta in _DELTA.values() and 2 <= anchor <= 1024
+    unused = kraw[nk:] + vraw[nv:] + params[_PARAMS.size - 2 :]
+    if not ok or not all(2 <= b <= 8 for b in kbits + vbits) or any(unused):
         raise CorruptObjectError(f"cachegen parameters are malformed: {params.hex()}")
     return kbits, vbits, anchor

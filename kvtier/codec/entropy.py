@@ -75,7 +75,7 @@ def decode_stream(stream: Stream, count: int) -> np.ndarray:
     try:
         decoder = c.stream.queue.RangeDecoder(stream.words)
         symbols: np.ndarray = decoder.decode(_model(stream.counts), count)
-    except (ValueError, RuntimeError) as exc:  # constriction's report of an invalid stream
+    except (AssertionError, ValueError, RuntimeError, OverflowError) as exc:  # how constriction reports bad data
         raise CorruptObjectError(f"entropy-coded stream is invalid: {exc}") from None
     symbols += stream.first
     return symbols

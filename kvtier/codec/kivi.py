@@ -110,7 +110,7 @@ class KIVICodec:
         count = layers * tokens * heads * dim
         grid_shapes = [_grid_shape(shape, plane, group) for plane in range(planes)]
         sizes = [packed_size(count, bits)] * planes + [2 * math.prod(s) for s in grid_shapes for _ in (0, 1)]
-        sections = [s.to(device) for s in split(payload, sizes, self.name)] if device else split(payload, sizes, self.name)
+        sections = [s.to(device) for s in split(payload, sizes, self.name)]
         out = torch.empty(shape, dtype=dtype, device=device)
         for plane in range(planes):
             q = unpack_bits(sections[plane], bits, count).view(layers, tokens, heads, dim)

@@ -33,7 +33,8 @@ class Option:
         """The canonical text of `text` for this option; ConfigError if it is not allowed."""
         if self.choices:
             if text not in self.choices:
-                raise ConfigError(f"{key}: {text!r} is not one of {', '.join(self.choices)}{_closest(text, self.choices)}")
+                hint = _closest(text, self.choices)
+                raise ConfigError(f"{key}: {text!r} is not one of {', '.join(self.choices)}{hint}")
             return text
         parts = text.split("-") if self.max_items > 1 else [text]
         if not 1 <= len(parts) <= self.max_items:
@@ -60,7 +61,7 @@ class CodecInfo:
     options: dict[str, Option] = field(default_factory=dict)
 
 
-_FP8_SCALE = Option("channel", "scale axis: one fp32 scale per channel (over tokens) or per token", ("channel", "token"))
+_FP8_SCALE = Option("channel", "one fp32 scale per channel (over tokens) or per token", ("channel", "token"))
 
 
 def _kivi_group(default: str) -> Option:
@@ -88,7 +89,7 @@ CODECS: dict[str, CodecInfo] = {
             "kbits": Option("4-4-4", "key " + _BITS_DOC, low=2, high=8, max_items=4),
             "vbits": Option("3-4-3", "value " + _BITS_DOC, low=2, high=8, max_items=4),
             "anchor": Option("16", "tokens per anchor group of the key deltas", low=2, high=1024),
-            "delta": Option("auto", "key deltas against anchors: per layer when smaller, always, never", ("auto", "on", "off")),
+            "delta": Option("auto", "key deltas: per layer where smaller, always, never", ("auto", "on", "off")),
         },
     ),
 }  # fmt: skip
@@ -120,7 +121,7 @@ class CodecSpec:
 def parse_spec(text: str, key: str = "codec") -> CodecSpec:
     """Parse and validate a codec spec; ConfigError (naming `key`) if anything is wrong."""
     name, _, rest = str(text).strip().lower().partition(":")
-    name = ALIASES.get(name, name)
+    name = ALIASES.get(name.strip(), name.strip())
     if name not in CODECS:
         names = [*CODECS, *ALIASES]
         raise ConfigError(f"{key}: unknown codec {name!r}; available: {', '.join(names)}{_closest(name, names)}")
