@@ -44,9 +44,11 @@ class Codec(Protocol):
         shape: tuple[int, ...],
         dtype: torch.dtype,
         params: bytes | None = None,
+        device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Canonical tensor of `shape` and `dtype` from a payload that encode() produced with
-        `params` (those of a stored header; None: this codec's own). CorruptObjectError if invalid."""
+        `params` (those of a stored header; None: this codec's own), computed on and returned on
+        `device` (None: the CPU; the tiers decode on the CPU). CorruptObjectError if invalid."""
         ...
 
     def error_bound(self, kv: torch.Tensor) -> torch.Tensor:

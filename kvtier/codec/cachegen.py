@@ -2,8 +2,9 @@
 range coding, on the CPU (quantization runs with torch on the tensor's device).
 
 1. Quantization. The layers split into up to four equal groups, first to last, each with its own
-   bit width for keys (`kbits`) and for values (`vbits`); the default spends fewer bits on the first
-   and last thirds, which the built-in model tolerates best (benchmarks/README.md). Keys use one
+   bit width for keys (`kbits`) and for values (`vbits`); by default keys get 4 bits and values 3
+   in the first and last thirds of the layers, which the built-in model tolerates best, and 4 in
+   the middle third, which it does not (benchmarks/README.md). Keys use one
    grid per channel over the chunk's tokens, values one grid per token over its channels (the KIVI
    axes); grids are float16 (min, step) rounded outwards (grid.py).
 2. Anchor deltas. Tokens form groups of `anchor`; a key's code in a non-anchor token is coded as the

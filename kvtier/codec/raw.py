@@ -34,8 +34,10 @@ class RawCodec:
         shape: tuple[int, ...],
         dtype: torch.dtype,
         params: bytes | None = None,
+        device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        """A tensor sharing memory with `payload` (which must be writable and stay alive)."""
+        """A tensor sharing memory with `payload` (which must be writable and stay alive); a copy
+        on `device` when one is given."""
         if params is not None and params != _NO_PARAMS:
             raise CorruptObjectError("raw objects carry no codec parameters")
         elem = torch.empty((), dtype=dtype).element_size()
@@ -43,8 +45,8 @@ class RawCodec:
         if len(payload) != expected:
             raise CorruptObjectError(f"raw payload is {len(payload)} bytes, shape {shape} needs {expected}")
         if expected == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(payload, dtype=torch.uint8).view(dtype).view(shape)
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.frombuffer(payload, dtype=torch.uint8).view(dtype).view(shape).to(device)
 
     def error_bound(self, kv: torch.Tensor) -> torch.Tensor:
         """Zero: raw is lossless."""

@@ -151,3 +151,17 @@ def test_objects_of_another_codec_family_are_rejected():
     header, payload = encode_object(key(1), layout, get_codec("kivi-2"), random_kv(layout, 9))
     with pytest.raises(CorruptObjectError, match="expected fp8"):
         decode_object(bytearray(header + payload.tobytes()), key(1), layout, get_codec("fp8"))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_encode_and_decode_on_a_device(spec, device):
+    """Codecs compute with torch on the KV's device, and decode onto a requested one."""
+    kv = model_like_kv(MODEL_LIKE, 64)
+    codec = get_codec(spec)
+    payload = bytearray(codec.encode(kv.to(device)))
+    out = codec.decode(payload, tuple(kv.shape), kv.dtype, device=device)
+    assert out.device.type == device
+    assert bool(((out.cpu() - kv).abs() <= codec.error_bound(kv)).all())
