@@ -13,12 +13,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvtier.codec.spec import parse_spec
 from kvtier.errors import ConfigError
 from kvtier.units import GiB
 
 HASHES = ("blake3", "sha256", "xxh128")
 POLICIES = ("lru", "lfu", "fifo", "mru")
-CODECS = ("raw",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -72,7 +72,7 @@ class RemoteConfig:
     """The remote (L3) tier, selected by URL (redis://, redis+cluster://, redis+sentinel://, s3://, fs://, kvtier://)."""
 
     url: str | None = _opt("optstr", None, "remote tier URL; unset disables it")
-    codec: str = _opt("str", "raw", "codec of objects written to the remote tier")
+    codec: str = _opt("str", "raw", "codec spec of objects written to the remote tier (see `codec`)")
     lookup_timeout_ms: int = _opt("int", 50, "deadline of a remote lookup (one batched exists), milliseconds")
     timeout_ms: int = _opt("int", 2000, "deadline of one remote get, put or delete, milliseconds")
     connect_timeout_ms: int = _opt("int", 500, "deadline to open a connection, milliseconds")
@@ -81,7 +81,7 @@ class RemoteConfig:
     backoff_max_ms: int = _opt("int", 10_000, "the pause doubles per failure up to this, milliseconds")
 
     def __post_init__(self) -> None:
-        _check_choice("remote.codec", self.codec, CODECS)
+        parse_spec(self.codec, "remote.codec")
         for name in ("lookup_timeout_ms", "timeout_ms", "connect_timeout_ms", "max_connections", "backoff_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"remote.{name}: {getattr(self, name)} must be at least 1")
@@ -100,7 +100,7 @@ class Config:
     chunk_size: int = _opt("int", 256, "tokens per chunk (a multiple of the engine's block size)")
     hash: str = _opt("str", "blake3", "chunk hash: blake3, sha256 or xxh128")
     save_partial_chunks: bool = _opt("bool", True, "also store a trailing chunk shorter than chunk_size")
-    codec: str = _opt("str", "raw", "codec of objects written to the disk tier")
+    codec: str = _opt("str", "raw", "codec of disk objects: raw, fp8, fp8-e5m2, kivi-2, kivi-4, cachegen[:opt=v,..]")
     tenant: str = _opt("str", "", "salt mixed into every key; tenants never share KV")
     write_queue: int = _opt("int", 256, "pending lower-tier writes (chunks) before the oldest is dropped")
     log_level: str = _opt("str", "warning", "logging level of the kvtier logger")
@@ -112,7 +112,7 @@ class Config:
         if not 1 <= self.chunk_size <= 1 << 20:
             raise ConfigError(f"chunk_size: {self.chunk_size} is not between 1 and 1048576 tokens")
         _check_choice("hash", self.hash, HASHES)
-        _check_choice("codec", self.codec, CODECS)
+        parse_spec(self.codec, "codec")
         _check_choice("log_level", self.log_level, LOG_LEVELS)
         if self.write_queue < 1:
             raise ConfigError(f"write_queue: {self.write_queue} must be at least 1")

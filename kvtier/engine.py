@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import xxhash
 
-from kvtier.codec import get_codec
+from kvtier.codec import canonical, get_codec
 from kvtier.config import Config
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.keys import Chunk, ChunkHasher, ChunkKey, make_namespace, token_bytes
@@ -60,7 +60,7 @@ class CacheEngine:
         self.model_id = model_id
         setup_logging(self.config.log_level)
         namespace = make_namespace(
-            model_id, layout.fingerprint, rank=rank, world_size=world_size, codec=self.config.codec,
+            model_id, layout.fingerprint, rank=rank, world_size=world_size, codec=canonical(self.config.codec),
             tenant=self.config.tenant, hash_name=self.config.hash,
         )  # fmt: skip
         self.hasher = ChunkHasher(self.config.chunk_size, namespace, self.config.hash, self.config.save_partial_chunks)
@@ -264,7 +264,8 @@ def _log_failure(future: Future[Any]) -> None:
 
 
 def build_chain(config: Config, layout: KVLayout) -> TierChain:
-    """The tiers the config asks for: L1 if its size is positive, L2 if a disk path is set."""
+    """The tiers the config asks for: L1 if its size is positive, L2 if a disk path is set, L3 if a
+    remote URL is. L1 holds decoded tensors; disk and remote each encode with their own codec."""
     chunk_bytes = layout.bytes_per_token * config.chunk_size
     l1 = None
     if config.l1.size:
@@ -278,9 +279,10 @@ def build_chain(config: Config, layout: KVLayout) -> TierChain:
     if config.remote.url:
         from kvtier.storage.remote import open_remote
 
-        remote = open_remote(config.remote, layout, get_codec(config.remote.codec), engine_codec=config.codec)
+        codec = get_codec(config.remote.codec)
+        remote = open_remote(config.remote, layout, codec, engine_codec=canonical(config.codec))
         lower.append(remote)
-        log.info("remote tier: %s (codec %s)", remote.store.where, config.remote.codec)
+        log.info("remote tier: %s (codec %s)", remote.store.where, codec.spec)
     return TierChain(l1, lower, config.write_queue)
 
 

@@ -27,5 +27,9 @@ class CorruptObjectError(KVTierError):
     """A stored object failed validation (bad magic, header, length or checksum)."""
 
 
+class CodecError(KVTierError, ValueError):
+    """A codec cannot encode a tensor (a lossy codec and KV with infinite or NaN values)."""
+
+
 class TierError(KVTierError):
     """A storage tier could not complete an operation (I/O error, full disk, server down)."""

@@ -3,9 +3,11 @@
 Header (128 bytes, little-endian):
     magic b"KVTR" | format version u16 | codec id u16 | flags u16 | dtype code u8 | ndim u8 |
     shape 5 x u32 | num_tokens u32 | payload length u64 | layout fingerprint 8 bytes |
-    namespace 16 bytes | chunk digest 16 bytes | payload xxh3-128 16 bytes | zero padding |
-    header xxh3-64 u64 (the last 8 bytes, over the 120 before them)
-The key is inside the header, so an object served for the wrong key is rejected too.
+    namespace 16 bytes | chunk digest 16 bytes | payload xxh3-128 16 bytes | codec parameters 16 bytes |
+    zero padding | header xxh3-64 u64 (the last 8 bytes, over the 120 before them)
+The key is inside the header, so an object served for the wrong key is rejected too. The codec
+parameters (bit widths, group sizes, scale axes: each codec documents its 16 bytes) sit in what was
+zero padding in the first raw-only objects, so those still read: raw's parameters are all zeros.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
-from kvtier.codec import CODEC_IDS, Codec
+from kvtier.codec import CODEC_IDS, PARAMS_SIZE, Codec
 from kvtier.errors import CorruptObjectError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout, dtype_code, dtype_from_code
@@ -25,7 +27,7 @@ from kvtier.layout import KVLayout, dtype_code, dtype_from_code
 MAGIC = b"KVTR"
 VERSION = 1
 HEADER_SIZE = 128
-_BODY = struct.Struct("<4sHHHBB5IIQ8s16s16s16s")
+_BODY = struct.Struct(f"<4sHHHBB5IIQ8s16s16s16s{PARAMS_SIZE}s")
 _PAD = HEADER_SIZE - 8 - _BODY.size
 _CRC = struct.Struct("<Q")
 
@@ -42,6 +44,7 @@ class Header:
     layout: bytes
     key: ChunkKey
     checksum: bytes
+    params: bytes  # the codec's PARAMS_SIZE bytes of parameters
 
 
 @functools.lru_cache(maxsize=64)
@@ -56,6 +59,7 @@ def pack_header(key: ChunkKey, layout: KVLayout, codec: Codec, kv: torch.Tensor,
     body = _BODY.pack(
         MAGIC, VERSION, codec.codec_id, 0, dtype_code(kv.dtype), kv.dim(), *shape, kv.shape[2],
         payload.nbytes, layout_tag(layout), key.namespace, key.digest, xxhash.xxh3_128_digest(payload),
+        codec.params,
     )  # fmt: skip
     body += bytes(_PAD)
     return body + _CRC.pack(xxhash.xxh3_64_intdigest(body))
@@ -83,14 +87,16 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
     except ValueError as exc:
         raise CorruptObjectError(str(exc)) from None
     shape, num_tokens, payload_len = tuple(fields[6:11]), fields[11], fields[12]
-    layout, namespace, digest, checksum = fields[13:17]
+    layout, namespace, digest, checksum, params = fields[13:18]
     if num_tokens != shape[2]:
         raise CorruptObjectError(f"num_tokens {num_tokens} does not match shape {shape}")
-    return Header(codec_id, dtype, shape, num_tokens, payload_len, layout, ChunkKey(namespace, digest), checksum)
+    key = ChunkKey(namespace, digest)
+    return Header(codec_id, dtype, shape, num_tokens, payload_len, layout, key, checksum, params)
 
 
 def check_header(header: Header, key: ChunkKey, layout: KVLayout, codec: Codec) -> None:
-    """Raise CorruptObjectError unless the header belongs to `key` under `layout` and `codec`."""
+    """Raise CorruptObjectError unless the header belongs to `key` under `layout` and `codec`'s family
+    (the codec's parameters are read from the header at decode time)."""
     if header.key != key:
         raise CorruptObjectError(f"object holds {header.key}, expected {key}")
     if header.layout != layout_tag(layout) or header.dtype != layout.dtype:
@@ -131,4 +137,4 @@ def decode_object(data: bytes | bytearray | memoryview, key: ChunkKey, layout: K
     check_header(header, key, layout, codec)
     payload = memoryview(data)[HEADER_SIZE:]
     check_payload(header, payload)
-    return codec.decode(payload, header.shape, header.dtype)
+    return codec.decode(payload, header.shape, header.dtype, header.params)

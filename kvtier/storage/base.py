@@ -19,7 +19,7 @@ class TierStats:
     hits: int = 0  # get() calls that returned a tensor
     misses: int = 0  # get() calls that returned None (absent, corrupt or failed)
     puts: int = 0  # objects written
-    put_failures: int = 0  # writes refused or failed (no room, I/O error)
+    put_failures: int = 0  # writes refused or failed (no room, I/O error, KV the codec cannot encode)
     evictions: int = 0  # objects removed to make room
     corrupt: int = 0  # objects that failed validation and were deleted
     errors: int = 0  # I/O or backend errors, each degraded to a miss or a failed put

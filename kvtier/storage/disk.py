@@ -35,7 +35,7 @@ from kvtier.codec.framing import (
     parse_header,
     payload_hasher,
 )
-from kvtier.errors import ConfigError, CorruptObjectError
+from kvtier.errors import CodecError, ConfigError, CorruptObjectError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.logutil import BurstLog
@@ -53,7 +53,7 @@ class FileTier:
     """Framed objects in files under `root`, at most `capacity` bytes known to this process.
 
     Subclasses say what a value is: `_encode` turns one into the buffers of its file, `_read` reads
-    and validates a file back into a value, `_stored_size` is a value's file size.
+    and validates a file back into a value and says the file's size.
     """
 
     def __init__(
@@ -166,7 +166,7 @@ class FileTier:
     def _get(self, key: ChunkKey, staging: StagingBuffer | None) -> torch.Tensor | None:
         path = self._path(key)
         try:
-            kv = self._read(path, key, staging)
+            kv, size = self._read(path, key, staging)
         except FileNotFoundError:
             with self._lock:
                 self._unindex(key)  # evicted by another process sharing the directory
@@ -186,22 +186,18 @@ class FileTier:
         with self._lock:
             if key in self._sizes:
                 self._policy.touch(key)
-            elif self._make_room(self._stored_size(kv)):
-                self._index(key, self._stored_size(kv))
+            elif self._make_room(size):
+                self._index(key, size)
         self.stats.hits += 1
         return kv
 
-    def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> torch.Tensor:
-        """The validated value in file `path` (read into `staging` if given); CorruptObjectError
-        (or OSError) otherwise."""
+    def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> tuple[torch.Tensor, int]:
+        """The validated value in file `path` (read into `staging` if given) and the file's size;
+        CorruptObjectError (or OSError) otherwise."""
         raise NotImplementedError
 
     def _encode(self, key: ChunkKey, kv: torch.Tensor) -> list[memoryview]:
         """The bytes of `kv`'s file, as buffers written back to back."""
-        raise NotImplementedError
-
-    def _stored_size(self, kv: torch.Tensor) -> int:
-        """The size of `kv`'s file."""
         raise NotImplementedError
 
     def put(self, key: ChunkKey, kv: torch.Tensor) -> bool:
@@ -210,7 +206,12 @@ class FileTier:
                 if key in self._sizes:
                     self._policy.touch(key)
             return True
-        buffers = self._encode(key, kv)
+        try:
+            buffers = self._encode(key, kv)
+        except CodecError as exc:
+            self._burst.warning("encode", "%s: cannot store %s: %s", self.name, key, exc)
+            self.stats.put_failures += 1
+            return False
         size = sum(b.nbytes for b in buffers)
         with self._lock:
             if not self._make_room(size):
@@ -287,10 +288,7 @@ class DiskTier(FileTier):
         header, payload = encode_object(key, self.layout, self.codec, kv)
         return [memoryview(header), payload.cast("B")]
 
-    def _stored_size(self, kv: torch.Tensor) -> int:
-        return HEADER_SIZE + kv.nbytes
-
-    def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> torch.Tensor:
+    def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> tuple[torch.Tensor, int]:
         with open(path, "rb", buffering=0) as f:
             header = parse_header(f.read(HEADER_SIZE))
             check_header(header, key, self.layout, self.codec)
@@ -304,7 +302,7 @@ class DiskTier(FileTier):
             view = payload.numpy().data
             digest = _read_hashed(f, view)
         check_digest(header, digest)
-        return self.codec.decode(view, header.shape, header.dtype)
+        return self.codec.decode(view, header.shape, header.dtype, header.params), size
 
 
 class ObjectDiskTier(FileTier):
@@ -318,10 +316,7 @@ class ObjectDiskTier(FileTier):
     def _encode(self, key: ChunkKey, kv: torch.Tensor) -> list[memoryview]:
         return [kv.numpy().data.cast("B")]
 
-    def _stored_size(self, kv: torch.Tensor) -> int:
-        return kv.nbytes
-
-    def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> torch.Tensor:
+    def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> tuple[torch.Tensor, int]:
         with open(path, "rb", buffering=0) as f:
             head = f.read(HEADER_SIZE)
             header = parse_header(head)
@@ -335,7 +330,7 @@ class ObjectDiskTier(FileTier):
             view[:HEADER_SIZE] = head
             digest = _read_hashed(f, view[HEADER_SIZE:])
         check_digest(header, digest)
-        return obj
+        return obj, size
 
 
 def _ensure_writable(root: Path) -> None:

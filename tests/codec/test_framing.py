@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
+import xxhash
 
-from kvtier.codec.framing import HEADER_SIZE, decode_object, encode_object, parse_header
+from kvtier.codec.framing import HEADER_SIZE, decode_object, encode_object, layout_tag, parse_header
 from kvtier.codec.raw import RawCodec
 from kvtier.errors import CorruptObjectError
 from kvtier.layout import KVLayout
@@ -63,3 +66,17 @@ def test_header_fields():
     header = parse_header(frame(kv))
     assert header.shape == (2, 2, 5, 1, 4) and header.num_tokens == 5
     assert header.key == key(1) and header.payload_len == kv.nbytes and header.dtype == torch.float32
+
+
+def test_objects_of_the_raw_only_format_still_read():
+    """The first format had 36 zero bytes before the header checksum; codec parameters took 16."""
+    kv = random_kv(LAYOUT, 3)
+    payload = kv.numpy().tobytes()
+    old = struct.Struct("<4sHHHBB5IIQ8s16s16s16s")
+    body = old.pack(
+        b"KVTR", 1, 1, 0, 1, 5, *kv.shape, 3, len(payload), layout_tag(LAYOUT), key(1).namespace, key(1).digest,
+        xxhash.xxh3_128_digest(payload),
+    ).ljust(HEADER_SIZE - 8, b"\0")  # fmt: skip
+    data = bytearray(body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)) + payload)
+    assert data == frame(kv)  # raw objects are byte for byte what they were
+    assert torch.equal(decode_object(data, key(1), LAYOUT, RawCodec()), kv)

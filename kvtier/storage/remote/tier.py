@@ -21,7 +21,7 @@ import torch
 
 from kvtier.codec import Codec
 from kvtier.codec.framing import decode_object, encode_object
-from kvtier.errors import CorruptObjectError
+from kvtier.errors import CodecError, CorruptObjectError
 from kvtier.keys import DIGEST_BYTES, ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.logutil import BurstLog
@@ -79,9 +79,10 @@ class RemoteTier:
         self.stats = TierStats()
         self.breaker = Breaker(self.options.backoff, self.options.backoff_max, clock)
         self._burst = BurstLog(log)
-        # The codec is part of an object's identity: a tier whose codec differs from the engine's
-        # stores under a namespace derived from both, so engines with other codecs never read it.
-        self._ns_salt = None if engine_codec in (None, codec.name) else f"codec={codec.name}".encode()
+        # The codec is part of an object's identity: a tier whose codec spec (with its options)
+        # differs from the engine's stores under a namespace derived from both, so engines with
+        # other codecs never read it. `engine_codec` is the engine's canonical spec.
+        self._ns_salt = None if engine_codec in (None, codec.spec) else f"codec={codec.spec}".encode()
         self._ns_cache: dict[bytes, bytes] = {}
         self._down = False  # the last call failed (logged once when the remote answers again)
 
@@ -121,7 +122,12 @@ class RemoteTier:
 
     def put(self, key: ChunkKey, kv: torch.Tensor) -> bool:
         rkey = self._remote_key(key)
-        header, payload = encode_object(rkey, self.layout, self.codec, kv)
+        try:
+            header, payload = encode_object(rkey, self.layout, self.codec, kv)
+        except CodecError as exc:
+            self._burst.warning("encode", "%s: cannot store %s: %s", self.name, key, exc)
+            self.stats.put_failures += 1
+            return False
 
         def put() -> bool:
             self.store.put(rkey, [header, payload], self.options.timeout)
