@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
@@ -10,6 +10,10 @@ import torch
 
 from kvtier.keys import ChunkKey
 from kvtier.storage.staging import StagingBuffer
+
+# Told of every key a tier starts holding (True) or stops holding (False): (tier name, admitted, key).
+# Tiers call it under their own lock, so it must be cheap and must never call back into a tier.
+TierListener = Callable[[str, bool, ChunkKey], None]
 
 
 @dataclass(slots=True)

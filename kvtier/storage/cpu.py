@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from kvtier.keys import ChunkKey
-from kvtier.storage.base import TierStats
+from kvtier.storage.base import TierListener, TierStats
 from kvtier.storage.policy import EvictionPolicy, make_policy
 
 log = logging.getLogger("kvtier.storage.cpu")
@@ -33,6 +33,7 @@ class CPUTier:
         self._data: dict[ChunkKey, torch.Tensor] = {}
         self._pins: dict[ChunkKey, int] = {}
         self._lock = threading.RLock()
+        self.listener: TierListener | None = None  # told of keys admitted and removed (cluster events)
 
     def contains(self, key: ChunkKey) -> bool:
         return key in self._data
@@ -68,6 +69,8 @@ class CPUTier:
             self.stats.bytes += nbytes
             self.stats.objects += 1
             self.stats.puts += 1
+            if self.listener is not None:
+                self.listener(self.name, True, key)
             return True
 
     def _make_room(self, nbytes: int) -> bool:
@@ -87,6 +90,8 @@ class CPUTier:
         self._policy.remove(key)
         self.stats.bytes -= kv.nbytes
         self.stats.objects -= 1
+        if self.listener is not None:
+            self.listener(self.name, False, key)
 
     def delete(self, key: ChunkKey) -> bool:
         with self._lock:
