@@ -94,6 +94,29 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Membership in a cluster: the controller this instance reports its chunks to."""
+
+    controller_url: str | None = _opt("optstr", None, "controller URL, e.g. http://127.0.0.1:9000; unset = standalone")
+    instance_id: str = _opt("str", "", "this instance's name, unique in the cluster and the same after a restart")
+    advertise: str = _opt("str", "", "host:port where peers reach this instance (P2P); empty = none")
+    heartbeat_ms: int = _opt("int", 1000, "interval between heartbeats, milliseconds")
+    flush_ms: int = _opt("int", 100, "longest delay of a KV event before it is sent, milliseconds")
+    timeout_ms: int = _opt("int", 2000, "deadline of one request to the controller, milliseconds")
+    max_events: int = _opt("int", 1_000_000, "events buffered while the controller is away; beyond, resync")
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_ms", "flush_ms", "timeout_ms", "max_events"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"cluster.{name}: {getattr(self, name)} must be at least 1")
+        if self.controller_url is not None:
+            if not self.controller_url.startswith(("http://", "https://")):
+                raise ConfigError(f"cluster.controller_url: {self.controller_url!r} is not an http(s):// URL")
+            if not self.instance_id.strip():
+                raise ConfigError("cluster.instance_id: required with a controller_url (stable across restarts)")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything a CacheEngine needs to know besides the model and its KV layout."""
 
@@ -107,6 +130,7 @@ class Config:
     l1: L1Config = field(default_factory=L1Config)
     disk: DiskConfig = field(default_factory=DiskConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= 1 << 20:
@@ -146,7 +170,7 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-SECTIONS: dict[str, type] = {"l1": L1Config, "disk": DiskConfig, "remote": RemoteConfig}
+SECTIONS: dict[str, type] = {"l1": L1Config, "disk": DiskConfig, "remote": RemoteConfig, "cluster": ClusterConfig}
 
 
 def leaf_fields() -> dict[str, dataclasses.Field[Any]]:

@@ -100,3 +100,16 @@ def test_bad_snapshot_and_keys_are_value_errors(state):
         state.snapshot("a", 0, {"l1": b"abc"})
     with pytest.raises(ValueError, match="32 bytes"):
         state.lookup_keys([b"short"])
+
+
+def test_cluster_config_needs_an_instance_id_with_a_controller():
+    from kvtier.config import Config
+    from kvtier.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="instance_id"):
+        Config.load(env={"KVTIER_CLUSTER_CONTROLLER_URL": "http://127.0.0.1:9000"})
+    with pytest.raises(ConfigError, match="http"):
+        Config.load(env={"KVTIER_CLUSTER_CONTROLLER_URL": "127.0.0.1:9000", "KVTIER_CLUSTER_INSTANCE_ID": "a"})
+    cfg = Config.load(env={"KVTIER_CLUSTER_CONTROLLER_URL": "http://h:1", "KVTIER_CLUSTER_INSTANCE_ID": "a",
+                           "KVTIER_CONTROLLER_TOKEN": "not a config key"})  # fmt: skip
+    assert cfg.cluster.instance_id == "a" and cfg.cluster.heartbeat_ms == 1000

@@ -1,0 +1,187 @@
+"""The controller's HTTP API (FastAPI): registration, heartbeats, events, snapshots, lookups.
+
+Instances send event batches and snapshots as msgpack (keys are raw bytes); everything else is
+JSON. Every handler is `async` and runs on the event loop thread, so the state needs no lock.
+A request body over `max_body` is refused (413); with a token, every request but /health must
+carry `Authorization: Bearer <token>` (401).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations, and `Request`
+# is imported inside create_app (fastapi is optional), where only evaluated annotations can see it.
+import hmac
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from kvtier.cluster.state import ControllerState, Instance, Registration
+from kvtier.units import MiB
+
+log = logging.getLogger("kvtier.cluster.app")
+TOKEN_ENV = "KVTIER_CONTROLLER_TOKEN"  # the shared secret of the controller and its instances
+MSGPACK = "application/msgpack"
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    """Where the controller listens and the limits it enforces."""
+
+    host: str = "127.0.0.1"  # interface to bind; loopback unless told otherwise
+    port: int = 9000  # HTTP port; 0 picks a free one (tests)
+    missed_beats: int = 3  # heartbeats an instance may miss before it is marked dead
+    max_body: int = 256 * MiB  # bytes: largest request body (a snapshot of ~8M chunks)
+    max_lookup: int = 1 << 20  # tokens or hashes in one lookup
+    token: str = field(default="", repr=False)  # bearer token every request must carry; "" = no auth
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("missed_beats", "max_body", "max_lookup"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+class _Events(msgspec.Struct):
+    id: str
+    seq: int
+    events: bytes
+
+
+class _Snapshot(msgspec.Struct):
+    id: str
+    seq: int
+    tiers: dict[str, bytes]
+
+
+class _Lookup(msgspec.Struct, forbid_unknown_fields=True):
+    tokens: list[int] | None = None  # token ids (chunked like the instances of `model`/`namespace`)
+    hashes: list[str] | None = None  # chunk digests, hex (with `namespace`)
+    namespace: str | None = None
+    model: str | None = None
+
+
+def create_app(config: ControllerConfig, state: ControllerState | None = None) -> Any:
+    """The FastAPI application of a controller."""
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse, Response
+
+    state = state or ControllerState(config.missed_beats)
+    app = FastAPI(title="kvtier controller", docs_url=None, redoc_url=None)
+    app.state.kv = state
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        if config.token and request.url.path != "/health":
+            sent = request.headers.get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {config.token}".encode()):
+                return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
+        length = request.headers.get("content-length")
+        if length is not None and int(length) > config.max_body:
+            return JSONResponse({"detail": f"body over {config.max_body} bytes"}, status_code=413)
+        return await call_next(request)
+
+    async def body(request: Request) -> bytes:
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > config.max_body:
+                raise HTTPException(413, f"body over {config.max_body} bytes")
+        return bytes(data)
+
+    async def decode(request: Request, kind: type, fmt: str = "json") -> Any:
+        try:
+            raw = await body(request)
+            return (msgspec.msgpack if fmt == "msgpack" else msgspec.json).decode(raw, type=kind)
+        except msgspec.ValidationError as exc:
+            raise HTTPException(400, f"bad request: {exc}") from exc
+        except msgspec.DecodeError as exc:
+            raise HTTPException(400, f"bad request body: {exc}") from exc
+
+    @app.exception_handler(ValueError)
+    async def bad_value(request: Request, exc: ValueError) -> Any:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(LookupError)
+    async def not_found(request: Request, exc: LookupError) -> Any:
+        return JSONResponse({"detail": str(exc.args[0] if exc.args else exc)}, status_code=404)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        alive = sum(state.alive(i) for i in state.instances.values())
+        return {"status": "ok", "instances": len(state.instances), "alive": alive, "chunks": len(state.index)}
+
+    @app.post("/register")
+    async def register(request: Request) -> dict[str, Any]:
+        inst = state.register(await decode(request, Registration))
+        log.info("instance %s registered (slot %d, %s)", inst.reg.id, inst.slot, inst.reg.address or "no address")
+        return {"status": "resync", "slot": inst.slot}
+
+    @app.post("/heartbeat")
+    async def heartbeat(request: Request) -> dict[str, Any]:
+        return {"status": state.heartbeat((await decode(request, dict[str, str]))["id"])}
+
+    @app.post("/events")
+    async def events(request: Request) -> dict[str, Any]:
+        msg = await decode(request, _Events, "msgpack")
+        return {"status": state.ingest(msg.id, msg.seq, msg.events)}
+
+    @app.post("/snapshot")
+    async def snapshot(request: Request) -> dict[str, Any]:
+        msg = await decode(request, _Snapshot, "msgpack")
+        return {"status": state.snapshot(msg.id, msg.seq, msg.tiers)}
+
+    @app.post("/lookup")
+    async def lookup(request: Request) -> Response:
+        return JSONResponse(_lookup(state, await decode(request, _Lookup), config.max_lookup))
+
+    @app.get("/instances")
+    async def instances() -> list[dict[str, Any]]:
+        return [_describe(state, inst) for inst in state.instances.values()]
+
+    @app.delete("/instances/{instance_id}")
+    async def remove(instance_id: str) -> dict[str, Any]:
+        if not state.remove(instance_id):
+            raise HTTPException(404, f"no instance {instance_id!r}")
+        return {"status": "ok"}
+
+    return app
+
+
+def _lookup(state: ControllerState, req: _Lookup, limit: int) -> dict[str, Any]:
+    """Answer a lookup by tokens or by chunk digests."""
+    if (req.tokens is None) == (req.hashes is None):
+        raise ValueError("give either tokens or hashes")
+    if len(req.tokens or req.hashes or ()) > limit:
+        raise ValueError(f"at most {limit} tokens or hashes per lookup")
+    ends: list[int] | None = None
+    if req.tokens is not None:
+        chunks = state.hasher_for(req.model, req.namespace).chunks(req.tokens)
+        keys = [c.key.namespace + c.key.digest for c in chunks]
+        ends = [c.end for c in chunks]
+    else:
+        if req.namespace is None:
+            raise ValueError("a lookup by hashes needs the namespace")
+        ns = bytes.fromhex(req.namespace)
+        keys = [ns + bytes.fromhex(h) for h in req.hashes or ()]
+    result = state.lookup_keys(keys)
+    ranked = sorted(result.prefixes.items(), key=lambda item: (-item[1], item[0] != result.best))
+    out: list[dict[str, Any]] = []
+    for iid, n in ranked:
+        entry: dict[str, Any] = {"id": iid, "chunks": n, "address": state.instances[iid].reg.address}
+        if ends is not None:
+            entry["tokens"] = ends[n - 1]
+        out.append(entry)
+    best_tokens = (out[0]["tokens"] if out else 0) if ends is not None else None
+    return {"chunks": result.chunks, "best": result.best, "best_tokens": best_tokens, "instances": out}
+
+
+def _describe(state: ControllerState, inst: Instance) -> dict[str, Any]:
+    counts = state.index.counts.get(inst.slot, [0, 0])
+    reg = inst.reg
+    return {
+        "id": reg.id, "model": reg.model, "namespace": reg.namespace, "address": reg.address,
+        "admin_url": reg.admin_url, "alive": state.alive(inst), "synced": inst.seq is not None,
+        "seq": inst.seq, "chunks": {"l1": counts[0], "l2": counts[1]}, "events": inst.events,
+        "resyncs": inst.resyncs, "silent_s": round(state.clock() - inst.last_seen, 3),
+    }  # fmt: skip
