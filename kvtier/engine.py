@@ -29,7 +29,7 @@ from kvtier.logutil import setup_logging
 from kvtier.storage.base import Tier
 from kvtier.storage.chain import TierChain
 from kvtier.storage.cpu import CPUTier
-from kvtier.storage.disk import DiskTier
+from kvtier.storage.disk import DiskTier, FileTier
 from kvtier.storage.staging import StagingBuffer, StagingPool
 from kvtier.units import format_size
 
@@ -72,6 +72,21 @@ class CacheEngine:
         # prefetches and promotions: one thread, below the serving engine's threads in priority
         self._prefetcher = ThreadPoolExecutor(1, "kvtier-prefetch", initializer=_background_priority)
         self._closed = False
+        self.agent = None if self.config.cluster.controller_url is None else self._join_cluster()
+
+    def _join_cluster(self) -> Any:
+        """Start reporting this engine's L1 and disk chunks to the cluster controller."""
+        from kvtier.cluster.agent import ClusterAgent
+        from kvtier.cluster.state import Registration
+
+        cfg = self.config.cluster
+        reg = Registration(
+            id=cfg.instance_id, model=self.model_id, namespace=self.hasher.namespace.hex(),
+            chunk_size=self.hasher.chunk_size, hash=self.hasher.hash_name, save_partial=self.hasher.save_partial,
+            heartbeat_s=cfg.heartbeat_ms / 1000, address=cfg.advertise,
+        )  # fmt: skip
+        tiers = [t for t in self.chain.tiers if isinstance(t, (CPUTier, FileTier))]  # tiers of this instance only
+        return ClusterAgent(cfg, reg, tiers)
 
     # --- keys --------------------------------------------------------------------------------------
 
@@ -225,6 +240,8 @@ class CacheEngine:
             return
         self._closed = True
         self._prefetcher.shutdown(wait=True)
+        if self.agent is not None:
+            self.agent.close()
         self.chain.close()
 
     def stats(self) -> dict[str, Any]:

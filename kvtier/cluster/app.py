@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from kvtier.cluster.events import TIER_NAMES
 from kvtier.cluster.state import ControllerState, Instance, Registration
 from kvtier.units import MiB
 
@@ -135,6 +136,10 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
     async def lookup(request: Request) -> Response:
         return JSONResponse(_lookup(state, await decode(request, _Lookup), config.max_lookup))
 
+    @app.post("/holders")
+    async def holders(request: Request) -> dict[str, Any]:
+        return _holders(state, await decode(request, _Lookup), config.max_lookup)
+
     @app.get("/instances")
     async def instances() -> list[dict[str, Any]]:
         return [_describe(state, inst) for inst in state.instances.values()]
@@ -174,6 +179,19 @@ def _lookup(state: ControllerState, req: _Lookup, limit: int) -> dict[str, Any]:
         out.append(entry)
     best_tokens = (out[0]["tokens"] if out else 0) if ends is not None else None
     return {"chunks": result.chunks, "best": result.best, "best_tokens": best_tokens, "instances": out}
+
+
+def _holders(state: ControllerState, req: _Lookup, limit: int) -> dict[str, Any]:
+    """Which live instances hold each chunk, and in which tiers."""
+    if req.namespace is None or req.hashes is None or len(req.hashes) > limit:
+        raise ValueError(f"give a namespace and at most {limit} hashes")
+    ns = bytes.fromhex(req.namespace)
+    by_slot = {i.slot: i for i in state.instances.values() if state.alive(i)}
+    out = []
+    for digest in req.hashes:
+        found = state.index.holders(ns + bytes.fromhex(digest))
+        out.append({by_slot[s].reg.id: [TIER_NAMES[t] for t in tiers] for s, tiers in found.items() if s in by_slot})
+    return {"holders": out}
 
 
 def _describe(state: ControllerState, inst: Instance) -> dict[str, Any]:

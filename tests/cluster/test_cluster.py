@@ -1,0 +1,91 @@
+"""A controller and three cache instances as real processes on loopback."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cluster.procs import Controller, Instance, wait_for
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+CHUNK = 4  # tokens
+DOC = list(range(1000, 1040))  # 10 chunks
+OTHER = list(range(5000, 5024))  # 6 chunks
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    controller = Controller(missed_beats=3)
+    started: list[Instance] = []
+
+    def start(instance_id: str, l1_size: str, disk: bool = False) -> Instance:
+        inst = Instance(instance_id, controller, l1_size, tmp_path / instance_id if disk else None)
+        started.append(inst)
+        return inst
+
+    yield controller, start
+    for inst in started:
+        inst.stop()
+    controller.stop()
+
+
+def assert_index_matches(controller: Controller, inst: Instance) -> None:
+    """The controller's view of `inst` equals what its tiers really hold."""
+    held = inst.call("keys")
+    namespace = controller.instances()[inst.id]["namespace"]
+    everything = sorted({d for keys in held.values() for d in keys})
+    holders = controller.post("/holders", {"namespace": namespace, "hashes": everything})["holders"]
+    for digest, found in zip(everything, holders, strict=True):
+        assert sorted(found.get(inst.id, [])) == sorted(t for t, keys in held.items() if digest in keys), digest
+    counts = controller.instances()[inst.id]["chunks"]
+    assert counts == {"l1": len(held.get("l1", [])), "l2": len(held.get("l2", []))}
+
+
+def lookup(controller: Controller, tokens: list[int]) -> dict:
+    return controller.post("/lookup", {"tokens": tokens, "model": "test-model"})
+
+
+def test_index_lookup_death_and_resync(cluster):
+    controller, start = cluster
+    a = start("a", l1_size=f"{3 * CHUNK * 256}")  # room for 3 chunks: storing 6 evicts 3
+    b = start("b", l1_size="1MiB", disk=True)
+    c = start("c", l1_size="1MiB")
+    assert b.call("store", tokens=DOC[:28])["stored"] == 28
+    assert c.call("store", tokens=DOC[:12])["stored"] == 12
+    assert a.call("store", tokens=DOC[:8] + OTHER[:16])["stored"] == 24
+    assert len(a.call("keys")["l1"]) == 3
+    for inst in (a, b, c):
+        assert_index_matches(controller, inst)
+
+    # a evicted DOC's first chunks: it holds no prefix of DOC; b holds the longest
+    answer = lookup(controller, DOC)
+    assert answer["best"] == "b" and answer["best_tokens"] == 28
+    assert {e["id"]: e["tokens"] for e in answer["instances"]} == {"b": 28, "c": 12}
+
+    b.kill9()
+    wait_for(lambda: not controller.instances()["b"]["alive"], 5, "b marked dead")  # 3 missed heartbeats
+    answer = lookup(controller, DOC)
+    assert answer["best"] == "c" and [e["id"] for e in answer["instances"]] == ["c"]
+
+    b = start("b", l1_size="1MiB", disk=True)  # same id, same disk: re-registers and resyncs
+    wait_for(lambda: controller.instances()["b"]["synced"], 5, "b resynced")
+    b.call("sync")
+    info = controller.instances()["b"]
+    assert info["alive"] and info["chunks"] == {"l1": 0, "l2": 7}
+    assert lookup(controller, DOC)["best"] == "b"
+    assert_index_matches(controller, b)
+
+
+def test_instances_survive_a_controller_restart(cluster):
+    controller, start = cluster
+    a = start("a", l1_size="1MiB")
+    a.call("store", tokens=DOC[:8])
+    port = controller.port
+    controller.stop()
+    a.send("store", tokens=DOC[:20])  # stored while the controller is away
+    controller.restart(port)
+    assert a.answer()["stored"] == 12  # it answers once the new controller has its chunks
+    wait_for(lambda: controller.instances()["a"]["synced"], 10, "a registered again")
+    assert lookup(controller, DOC)["best_tokens"] == 20
+    assert_index_matches(controller, a)
