@@ -71,16 +71,7 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
     app = FastAPI(title="kvtier controller", docs_url=None, redoc_url=None)
     app.state.kv = state
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        if config.token and request.url.path != "/health":
-            sent = request.headers.get("authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {config.token}".encode()):
-                return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
-        length = request.headers.get("content-length")
-        if length is not None and int(length) > config.max_body:
-            return JSONResponse({"detail": f"body over {config.max_body} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(_Guard, config=config)
 
     async def body(request: Request) -> bytes:
         data = bytearray()
@@ -151,6 +142,33 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
         return {"status": "ok"}
 
     return app
+
+
+class _Guard:
+    """Plain ASGI middleware (cheaper than BaseHTTPMiddleware): bearer token and body size checks."""
+
+    def __init__(self, app: Any, config: ControllerConfig) -> None:
+        self.app = app
+        self.expected = f"Bearer {config.token}".encode()
+        self.config = config
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            refusal = None
+            sent = headers.get(b"authorization", b"")
+            if self.config.token and scope["path"] != "/health" and not hmac.compare_digest(sent, self.expected):
+                refusal = 401, "missing or wrong bearer token"
+            length = headers.get(b"content-length", b"0")
+            if refusal is None and (not length.isdigit() or int(length) > self.config.max_body):
+                refusal = 413, f"body over {self.config.max_body} bytes"
+            if refusal is not None:
+                body = msgspec.json.encode({"detail": refusal[1]})
+                await send({"type": "http.response.start", "status": refusal[0],
+                            "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 def _lookup(state: ControllerState, req: _Lookup, limit: int) -> dict[str, Any]:

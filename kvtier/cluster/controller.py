@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import os
@@ -54,7 +55,13 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     log.info("kvtier controller on http://%s:%d", config.host, config.port)
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning", access_log=False)
+    app = create_app(config)
+    # The index is one dict of up to millions of entries: a full GC pass would walk all of them
+    # (milliseconds) at random requests. Its keys and values are bytes and ints, which the GC never
+    # needs to see, so the dict object (and everything built so far) goes to the permanent generation.
+    gc.collect()
+    gc.freeze()
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
     return 0
 
 
