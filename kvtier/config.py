@@ -117,6 +117,18 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The instance's admin HTTP API (health, config, stats, clear) and Prometheus /metrics."""
+
+    port: int = _opt("int", 0, "TCP port of the admin API; 0 = off (convention: 9100 + rank)")
+    host: str = _opt("str", "127.0.0.1", "interface the admin API binds; loopback unless told otherwise")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"admin.port: {self.port} is not in [0, 65535]")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything a CacheEngine needs to know besides the model and its KV layout."""
 
@@ -131,6 +143,7 @@ class Config:
     disk: DiskConfig = field(default_factory=DiskConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= 1 << 20:
@@ -170,7 +183,13 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-SECTIONS: dict[str, type] = {"l1": L1Config, "disk": DiskConfig, "remote": RemoteConfig, "cluster": ClusterConfig}
+SECTIONS: dict[str, type] = {
+    "l1": L1Config,
+    "disk": DiskConfig,
+    "remote": RemoteConfig,
+    "cluster": ClusterConfig,
+    "admin": AdminConfig,
+}
 
 
 def leaf_fields() -> dict[str, dataclasses.Field[Any]]:

@@ -36,6 +36,7 @@ from kvtier.units import format_size
 log = logging.getLogger("kvtier.engine")
 Gather = Callable[[int, int], torch.Tensor]  # (start, end) -> a fresh canonical tensor of those tokens
 Scatter = Callable[[int, int, torch.Tensor], None]  # (start, end, canonical tensor) -> None
+Observer = Callable[[str, float], None]  # (operation, seconds): "lookup", "retrieve" or "store" took that long
 _BACKGROUND_NICE = 10  # nice value of the prefetch/promotion thread (Linux threads have their own)
 _MEMO_SIZE = 32  # token sequences whose chunk keys are remembered (lookup, retrieve, store of one prompt)
 
@@ -72,6 +73,12 @@ class CacheEngine:
         # prefetches and promotions: one thread, below the serving engine's threads in priority
         self._prefetcher = ThreadPoolExecutor(1, "kvtier-prefetch", initializer=_background_priority)
         self._closed = False
+        self.observer: Observer | None = None  # told how long each lookup, retrieve and store took (metrics)
+        self.admin = None
+        if self.config.admin.port:
+            from kvtier.api import AdminServer
+
+            self.admin = AdminServer(self, self.config.admin.host, self.config.admin.port)
         self.agent = None if self.config.cluster.controller_url is None else self._join_cluster()
 
     def _join_cluster(self) -> Any:
@@ -84,6 +91,7 @@ class CacheEngine:
             id=cfg.instance_id, model=self.model_id, namespace=self.hasher.namespace.hex(),
             chunk_size=self.hasher.chunk_size, hash=self.hasher.hash_name, save_partial=self.hasher.save_partial,
             heartbeat_s=cfg.heartbeat_ms / 1000, address=cfg.advertise,
+            admin_url="" if self.admin is None else self.admin.url,
         )  # fmt: skip
         tiers = [t for t in self.chain.tiers if isinstance(t, (CPUTier, FileTier))]  # tiers of this instance only
         return ClusterAgent(cfg, reg, tiers)
@@ -110,12 +118,15 @@ class CacheEngine:
 
     def lookup(self, tokens: Any) -> int:
         """How many leading tokens of `tokens` are available in some tier."""
+        began = time.perf_counter()
         chunks = self.chunks(tokens)
         n = self.chain.lookup([c.key for c in chunks])
         hit = chunks[n - 1].end if n else 0
         self.counters.lookups += 1
         self.counters.lookup_tokens += len(tokens)
         self.counters.lookup_hit_tokens += hit
+        if self.observer is not None:
+            self.observer("lookup", time.perf_counter() - began)
         return hit
 
     def store(self, tokens: Any, kv: torch.Tensor, start: int = 0) -> int:
@@ -139,6 +150,7 @@ class CacheEngine:
 
         Chunks already in L1 are skipped without calling `gather`. Returns tokens newly stored.
         """
+        began = time.perf_counter()
         end = len(tokens) if end is None else end
         chunks = self.chunks(tokens if end == len(tokens) else tokens[:end], start)
         l1 = self.chain.l1
@@ -151,6 +163,8 @@ class CacheEngine:
             self.chain.store(chunk.key, kv)
             stored += chunk.num_tokens
         self.counters.stored_tokens += stored
+        if self.observer is not None:
+            self.observer("store", time.perf_counter() - began)
         return stored
 
     def retrieve(self, tokens: Any, max_tokens: int | None = None) -> torch.Tensor:
@@ -188,6 +202,7 @@ class CacheEngine:
     def _deliver(
         self, chunks: list[Chunk], scatter: Scatter, max_tokens: int | None, start: int, staging: StagingBuffer | None
     ) -> int:
+        began = time.perf_counter()
         stop = len(chunks) if max_tokens is None else sum(1 for c in chunks if c.start < max_tokens)
         first = sum(1 for c in chunks[:stop] if c.end <= start)
         wanted = chunks[first:stop]
@@ -201,6 +216,8 @@ class CacheEngine:
                 scatter(lo, hi, kv)
                 delivered = hi
         self.counters.retrieved_tokens += delivered - start
+        if self.observer is not None:
+            self.observer("retrieve", time.perf_counter() - began)
         return delivered
 
     def _promote_later(self, keys: list[ChunkKey]) -> None:
@@ -234,6 +251,16 @@ class CacheEngine:
             return False
         return ok
 
+    def clear(self) -> int:
+        """Remove every chunk this instance holds (L1 and disk; a shared remote tier is left alone);
+        return how many were removed. Chunks being read stay."""
+        self.flush()
+        removed = 0
+        for tier in self.chain.tiers:
+            if isinstance(tier, (CPUTier, FileTier)):
+                removed += sum(tier.delete(key) for key in tier.held_keys())
+        return removed
+
     def close(self) -> None:
         """Finish pending stores and release the tiers."""
         if self._closed:
@@ -242,6 +269,8 @@ class CacheEngine:
         self._prefetcher.shutdown(wait=True)
         if self.agent is not None:
             self.agent.close()
+        if self.admin is not None:
+            self.admin.close()
         self.chain.close()
 
     def stats(self) -> dict[str, Any]:

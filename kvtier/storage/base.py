@@ -28,6 +28,8 @@ class TierStats:
     corrupt: int = 0  # objects that failed validation and were deleted
     errors: int = 0  # I/O or backend errors, each degraded to a miss or a failed put
     unavailable: int = 0  # calls answered at once as a miss because the backend is marked down
+    bytes_read: int = 0  # bytes of KV returned by get() hits
+    bytes_written: int = 0  # bytes of KV accepted by put() (objects written)
     objects: int = 0  # gauge: objects held now
     bytes: int = 0  # gauge: bytes held now
 

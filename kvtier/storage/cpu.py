@@ -53,6 +53,7 @@ class CPUTier:
                 return None
             self._policy.touch(key)
             self.stats.hits += 1
+            self.stats.bytes_read += kv.nbytes
             return kv
 
     def put(self, key: ChunkKey, kv: torch.Tensor) -> bool:
@@ -69,6 +70,7 @@ class CPUTier:
             self.stats.bytes += nbytes
             self.stats.objects += 1
             self.stats.puts += 1
+            self.stats.bytes_written += nbytes
             if self.listener is not None:
                 self.listener(self.name, True, key)
             return True

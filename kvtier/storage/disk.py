@@ -194,6 +194,7 @@ class FileTier:
             elif self._make_room(self._stored_size(kv)):
                 self._index(key, self._stored_size(kv))
         self.stats.hits += 1
+        self.stats.bytes_read += kv.nbytes
         return kv
 
     def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> torch.Tensor:
@@ -237,6 +238,7 @@ class FileTier:
             if key not in self._sizes:
                 self._index(key, size)
             self.stats.puts += 1
+            self.stats.bytes_written += kv.nbytes
         return True
 
     def _write(self, path: Path, buffers: list[memoryview]) -> None:

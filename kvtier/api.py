@@ -1,0 +1,93 @@
+"""The per-instance admin HTTP API: health, effective config, cache stats, clear, Prometheus /metrics.
+
+It runs in a daemon thread of the serving process (uvicorn), enabled by `admin.port`; the
+convention is port 9100 + rank. With `KVTIER_ADMIN_TOKEN` set, every route but /health and
+/metrics needs `Authorization: Bearer <token>`. FastAPI, uvicorn and prometheus-client are
+imported only when the API is started.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
+import hmac
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvtier.engine import CacheEngine
+
+log = logging.getLogger("kvtier.api")
+TOKEN_ENV = "KVTIER_ADMIN_TOKEN"  # bearer token of the admin API (not a config key: never printed)
+OPEN_PATHS = ("/health", "/metrics")  # routes that need no token (probes and scrapers)
+
+
+def create_admin_app(engine: "CacheEngine", token: str = "") -> Any:
+    """The FastAPI application of one instance's admin API."""
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from kvtier.metrics import engine_registry
+
+    registry = engine_registry(engine)
+    app = FastAPI(title="kvtier instance", docs_url=None, redoc_url=None)
+    started = time.monotonic()
+
+    def check(request: Request) -> None:
+        if token and request.url.path not in OPEN_PATHS:
+            sent = request.headers.get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+                raise HTTPException(401, "missing or wrong bearer token")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        agent = engine.agent
+        cluster = None if agent is None else {"registered": agent.registered, "synced": agent.synced}
+        return {"status": "ok", "model": engine.model_id, "uptime_s": round(time.monotonic() - started, 1),
+                "cluster": cluster}  # fmt: skip
+
+    @app.get("/config")
+    def config(request: Request) -> dict[str, Any]:
+        check(request)
+        return {**engine.config.to_dict(), "namespace": engine.hasher.namespace.hex()}
+
+    @app.get("/stats")
+    def stats(request: Request) -> dict[str, Any]:
+        check(request)
+        return engine.stats()
+
+    @app.post("/clear")
+    def clear(request: Request) -> dict[str, Any]:
+        check(request)
+        return {"removed": engine.clear()}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class AdminServer:
+    """The admin API served by uvicorn on a daemon thread."""
+
+    def __init__(self, engine: "CacheEngine", host: str, port: int) -> None:
+        import uvicorn
+
+        app = create_admin_app(engine, os.environ.get(TOKEN_ENV, ""))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+        self.url = f"http://{host}:{port}"
+        self._thread = threading.Thread(target=self.server.run, name="kvtier-admin", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self.server.started:
+            raise OSError(f"admin API could not listen on {host}:{port} (see the log)")
+        log.info("admin API on %s", self.url)
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.should_exit = True
+        self._thread.join(5)
