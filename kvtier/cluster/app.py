@@ -10,6 +10,7 @@ carry `Authorization: Bearer <token>` (401).
 # is imported inside create_app (fastapi is optional), where only evaluated annotations can see it.
 import hmac
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,8 @@ from kvtier.units import MiB
 log = logging.getLogger("kvtier.cluster.app")
 TOKEN_ENV = "KVTIER_CONTROLLER_TOKEN"  # the shared secret of the controller and its instances
 MSGPACK = "application/msgpack"
+ADMIN_TOKEN_ENV = "KVTIER_ADMIN_TOKEN"  # sent to the instances' admin APIs (clear)
+CLEAR_TIMEOUT = 30.0  # seconds an instance may take to clear its cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +70,10 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse, Response
 
+    from kvtier.cluster.metrics import controller_registry
+
     state = state or ControllerState(config.missed_beats)
+    registry, lookup_latency = controller_registry(state)
     app = FastAPI(title="kvtier controller", docs_url=None, redoc_url=None)
     app.state.kv = state
 
@@ -125,7 +131,20 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
 
     @app.post("/lookup")
     async def lookup(request: Request) -> Response:
-        return JSONResponse(_lookup(state, await decode(request, _Lookup), config.max_lookup))
+        req = await decode(request, _Lookup)
+        with lookup_latency.time():
+            return JSONResponse(_lookup(state, req, config.max_lookup))
+
+    @app.post("/clear")
+    async def clear(request: Request) -> dict[str, Any]:
+        target = (await decode(request, dict[str, str | None])).get("instance")
+        return {"cleared": await _clear(state, target)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/holders")
     async def holders(request: Request) -> dict[str, Any]:
@@ -197,6 +216,31 @@ def _lookup(state: ControllerState, req: _Lookup, limit: int) -> dict[str, Any]:
         out.append(entry)
     best_tokens = (out[0]["tokens"] if out else 0) if ends is not None else None
     return {"chunks": result.chunks, "best": result.best, "best_tokens": best_tokens, "instances": out}
+
+
+async def _clear(state: ControllerState, target: str | None) -> dict[str, Any]:
+    """Ask the live instances (or `target`) to clear their caches through their admin APIs; their
+    evictions come back as events. Per instance: chunks removed, or why not."""
+    import httpx
+
+    insts = [i for i in state.instances.values() if target in (None, i.reg.id) and state.alive(i)]
+    if target is not None and not insts:
+        raise LookupError(f"no live instance {target!r}")
+    token = os.environ.get(ADMIN_TOKEN_ENV, "")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    out: dict[str, Any] = {}
+    async with httpx.AsyncClient(timeout=CLEAR_TIMEOUT, headers=headers) as client:
+        for inst in insts:
+            if not inst.reg.admin_url:
+                out[inst.reg.id] = "no admin API (admin.port is 0)"
+                continue
+            try:
+                response = await client.post(inst.reg.admin_url + "/clear")
+                response.raise_for_status()
+                out[inst.reg.id] = response.json()["removed"]
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                out[inst.reg.id] = f"failed: {exc!r}"
+    return out
 
 
 def _holders(state: ControllerState, req: _Lookup, limit: int) -> dict[str, Any]:

@@ -70,6 +70,9 @@ class ControllerState:
         self.clock = clock
         self.index = ChunkIndex()
         self.instances: dict[str, Instance] = {}
+        self.events = 0  # events applied, all instances
+        self.resyncs = 0  # snapshots applied
+        self.gaps = 0  # batches refused because one before them was missing
 
     # --- instances ------------------------------------------------------------------------------
 
@@ -121,11 +124,14 @@ class ControllerState:
             return UNKNOWN
         inst.last_seen = self.clock()
         if inst.seq is None or seq > inst.seq + 1:
+            self.gaps += inst.seq is not None
             inst.seq = None  # whatever comes next, only a snapshot can repair the index
             return RESYNC
         if seq <= inst.seq:
             return OK  # a batch sent again after a lost answer: already applied
-        inst.events += self.index.apply(inst.slot, blob)
+        applied = self.index.apply(inst.slot, blob)
+        inst.events += applied
+        self.events += applied
         inst.seq = seq
         return OK
 
@@ -143,6 +149,7 @@ class ControllerState:
         inst.last_seen = self.clock()
         inst.seq = seq
         inst.resyncs += 1
+        self.resyncs += 1
         return OK
 
     # --- lookup ---------------------------------------------------------------------------------

@@ -63,13 +63,20 @@ class Controller:
 class Instance:
     """tests/cluster/instance_proc.py: a CacheEngine that reports to the controller."""
 
-    def __init__(self, instance_id: str, controller: Controller, l1_size: str, disk: Path | None = None) -> None:
+    def __init__(
+        self, instance_id: str, controller: Controller, l1_size: str, disk: Path | None = None, admin: bool = False
+    ) -> None:
         self.id = instance_id
+        self.admin_url = ""
         config = {"KVTIER_CLUSTER_CONTROLLER_URL": controller.url, "KVTIER_CLUSTER_INSTANCE_ID": instance_id,
                   "KVTIER_CLUSTER_HEARTBEAT_MS": "200", "KVTIER_CLUSTER_FLUSH_MS": "20", "KVTIER_CHUNK_SIZE": "4",
                   "KVTIER_HASH": "xxh128", "KVTIER_L1_SIZE": l1_size}  # fmt: skip
         if disk is not None:
             config |= {"KVTIER_DISK_PATH": str(disk), "KVTIER_DISK_SIZE": "1MiB"}
+        if admin:
+            port = free_port()
+            config["KVTIER_ADMIN_PORT"] = str(port)
+            self.admin_url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.cluster.instance_proc"], env=_env(config), cwd=ROOT,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -111,6 +118,12 @@ class Instance:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill9()
+
+
+def http_get(url: str) -> tuple[str, bytes]:
+    """(content type, body) of a GET."""
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.headers["Content-Type"], r.read()
 
 
 def wait_for(condition: Any, timeout: float, what: str) -> None:

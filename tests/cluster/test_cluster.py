@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tests.cluster.procs import Controller, Instance, wait_for
+from tests.cluster.procs import Controller, Instance, http_get, wait_for
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -19,8 +21,8 @@ def cluster(tmp_path):
     controller = Controller(missed_beats=3)
     started: list[Instance] = []
 
-    def start(instance_id: str, l1_size: str, disk: bool = False) -> Instance:
-        inst = Instance(instance_id, controller, l1_size, tmp_path / instance_id if disk else None)
+    def start(instance_id: str, l1_size: str, disk: bool = False, admin: bool = False) -> Instance:
+        inst = Instance(instance_id, controller, l1_size, tmp_path / instance_id if disk else None, admin)
         started.append(inst)
         return inst
 
@@ -89,3 +91,27 @@ def test_instances_survive_a_controller_restart(cluster):
     wait_for(lambda: controller.instances()["a"]["synced"], 10, "a registered again")
     assert lookup(controller, DOC)["best_tokens"] == 20
     assert_index_matches(controller, a)
+
+
+def test_admin_api_metrics_and_clear_through_the_controller(cluster):
+    controller, start = cluster
+    a = start("a", l1_size="1MiB", disk=True, admin=True)
+    b = start("b", l1_size="1MiB")  # no admin API
+    a.call("store", tokens=DOC[:12])
+    b.call("store", tokens=DOC[:8])
+    assert controller.instances()["a"]["admin_url"] == a.admin_url
+    assert json.loads(http_get(a.admin_url + "/health")[1])["cluster"] == {"registered": True, "synced": True}
+    config = json.loads(http_get(a.admin_url + "/config")[1])
+    assert config["cluster"]["instance_id"] == "a" and config["namespace"] == controller.instances()["a"]["namespace"]
+    assert json.loads(http_get(a.admin_url + "/stats")[1])["l2"]["objects"] == 3
+    kind, text = http_get(a.admin_url + "/metrics")
+    assert kind.startswith("text/plain") and b'kvtier_tier_objects{tier="l2"} 3.0' in text
+
+    cleared = controller.post("/clear", {})["cleared"]
+    assert cleared == {"a": 6, "b": "no admin API (admin.port is 0)"}  # 3 chunks in L1, 3 on disk
+    a.call("sync")
+    assert controller.instances()["a"]["chunks"] == {"l1": 0, "l2": 0}
+    assert lookup(controller, DOC)["best"] == "b"
+    metrics = http_get(controller.url + "/metrics")[1].decode()
+    assert 'kvtier_controller_instances{state="alive"} 2.0' in metrics
+    assert "kvtier_controller_lookup_seconds_count 1.0" in metrics
