@@ -99,14 +99,24 @@ class ClusterConfig:
 
     controller_url: str | None = _opt("optstr", None, "controller URL, e.g. http://127.0.0.1:9000; unset = standalone")
     instance_id: str = _opt("str", "", "this instance's name, unique in the cluster and the same after a restart")
-    advertise: str = _opt("str", "", "host:port where peers reach this instance (P2P); empty = none")
+    advertise: str = _opt("str", "", "host:port where this instance serves its chunks to peers; empty = none")
     heartbeat_ms: int = _opt("int", 1000, "interval between heartbeats, milliseconds")
     flush_ms: int = _opt("int", 100, "longest delay of a KV event before it is sent, milliseconds")
     timeout_ms: int = _opt("int", 2000, "deadline of one request to the controller, milliseconds")
     max_events: int = _opt("int", 1_000_000, "events buffered while the controller is away; beyond, resync")
+    peer_fetch: bool = _opt("bool", False, "fetch chunks missing locally from the peer the controller names")
+    peer_lookup_timeout_ms: int = _opt("int", 50, "deadline of the controller lookup before a peer fetch, ms")
+    peer_timeout_ms: int = _opt("int", 1000, "deadline of one fetch from a peer (a batch of chunks), ms")
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_ms", "flush_ms", "timeout_ms", "max_events"):
+        for name in (
+            "heartbeat_ms",
+            "flush_ms",
+            "timeout_ms",
+            "max_events",
+            "peer_lookup_timeout_ms",
+            "peer_timeout_ms",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cluster.{name}: {getattr(self, name)} must be at least 1")
         if self.controller_url is not None:
@@ -114,6 +124,10 @@ class ClusterConfig:
                 raise ConfigError(f"cluster.controller_url: {self.controller_url!r} is not an http(s):// URL")
             if not self.instance_id.strip():
                 raise ConfigError("cluster.instance_id: required with a controller_url (stable across restarts)")
+        elif self.peer_fetch:
+            raise ConfigError("cluster.peer_fetch: needs a controller_url (the controller says which peer has what)")
+        if self.advertise and not self.advertise.rpartition(":")[2].isdigit():
+            raise ConfigError(f"cluster.advertise: {self.advertise!r} is not host:port")
 
 
 @dataclass(frozen=True, slots=True)

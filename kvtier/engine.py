@@ -75,6 +75,7 @@ class CacheEngine:
         self._closed = False
         self.observer: Observer | None = None  # told how long each lookup, retrieve and store took (metrics)
         self.admin = None
+        self.peer_server: Any = None  # the kvtier server over this engine's tiers (cluster.advertise)
         if self.config.admin.port:
             from kvtier.api import AdminServer
 
@@ -82,18 +83,26 @@ class CacheEngine:
         self.agent = None if self.config.cluster.controller_url is None else self._join_cluster()
 
     def _join_cluster(self) -> Any:
-        """Start reporting this engine's L1 and disk chunks to the cluster controller."""
+        """Report this engine's L1 and disk chunks to the cluster controller; serve them to peers
+        (`cluster.advertise`) and fetch from peers (`cluster.peer_fetch`) if configured."""
+        from kvtier.cluster import peer
         from kvtier.cluster.agent import ClusterAgent
         from kvtier.cluster.state import Registration
 
         cfg = self.config.cluster
+        tiers = [t for t in self.chain.tiers if isinstance(t, (CPUTier, FileTier))]  # tiers of this instance only
+        address = ""
+        if cfg.advertise:
+            self.peer_server = peer.serve_peers(self)
+            address = f"{cfg.advertise.rpartition(':')[0]}:{self.peer_server.address[1]}"  # port 0: the bound one
+        if cfg.peer_fetch:
+            peer.add_peer_tier(self)
         reg = Registration(
             id=cfg.instance_id, model=self.model_id, namespace=self.hasher.namespace.hex(),
             chunk_size=self.hasher.chunk_size, hash=self.hasher.hash_name, save_partial=self.hasher.save_partial,
-            heartbeat_s=cfg.heartbeat_ms / 1000, address=cfg.advertise,
+            heartbeat_s=cfg.heartbeat_ms / 1000, address=address,
             admin_url="" if self.admin is None else self.admin.url,
         )  # fmt: skip
-        tiers = [t for t in self.chain.tiers if isinstance(t, (CPUTier, FileTier))]  # tiers of this instance only
         return ClusterAgent(cfg, reg, tiers)
 
     # --- keys --------------------------------------------------------------------------------------
@@ -271,6 +280,8 @@ class CacheEngine:
             self.agent.close()
         if self.admin is not None:
             self.admin.close()
+        if self.peer_server is not None:
+            self.peer_server.stop()
         self.chain.close()
 
     def stats(self) -> dict[str, Any]:

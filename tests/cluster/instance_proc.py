@@ -2,6 +2,8 @@
 
 Commands (one JSON object per line; one JSON answer per line on stdout):
   {"op": "store", "tokens": [...]}   store random KV for the tokens, then wait until the controller has the events
+  {"op": "retrieve", "tokens": [...]} the cached prefix: its length, an xxh3 digest of its KV, seconds taken
+  {"op": "expected", "tokens": [...]} the digest of the KV "store" would store for the tokens
   {"op": "keys"}                     the digests (hex) each tier holds now
   {"op": "sync"}                     wait until every store and event is delivered
 The config comes from KVTIER_* variables (cluster.controller_url, cluster.instance_id, l1, disk).
@@ -11,9 +13,17 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+
+import torch
+import xxhash
 
 from kvtier import CacheEngine, Config
 from tests.conftest import SMALL, random_kv
+
+
+def digest(kv: torch.Tensor) -> str:
+    return xxhash.xxh3_128_hexdigest(kv.contiguous().numpy().tobytes())
 
 
 def main() -> int:
@@ -25,6 +35,12 @@ def main() -> int:
             tokens = cmd["tokens"]
             stored = engine.store(tokens, random_kv(SMALL, len(tokens), seed=len(tokens)))
             answer: dict = {"stored": stored}
+        elif cmd["op"] == "retrieve":
+            began = time.perf_counter()
+            kv = engine.retrieve(cmd["tokens"])
+            answer = {"tokens": kv.shape[2], "digest": digest(kv), "seconds": time.perf_counter() - began}
+        elif cmd["op"] == "expected":  # what store() stored for these tokens, without storing it
+            answer = {"digest": digest(random_kv(SMALL, len(cmd["tokens"]), seed=len(cmd["tokens"])))}
         elif cmd["op"] == "keys":
             answer = {t.name: [k.digest.hex() for k in t.held_keys()] for t in engine.chain.tiers}  # type: ignore[attr-defined]
         elif cmd["op"] == "sync":

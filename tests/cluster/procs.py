@@ -64,7 +64,13 @@ class Instance:
     """tests/cluster/instance_proc.py: a CacheEngine that reports to the controller."""
 
     def __init__(
-        self, instance_id: str, controller: Controller, l1_size: str, disk: Path | None = None, admin: bool = False
+        self,
+        instance_id: str,
+        controller: Controller,
+        l1_size: str,
+        disk: Path | None = None,
+        admin: bool = False,
+        extra: dict[str, str] | None = None,
     ) -> None:
         self.id = instance_id
         self.admin_url = ""
@@ -73,6 +79,7 @@ class Instance:
                   "KVTIER_HASH": "xxh128", "KVTIER_L1_SIZE": l1_size}  # fmt: skip
         if disk is not None:
             config |= {"KVTIER_DISK_PATH": str(disk), "KVTIER_DISK_SIZE": "1MiB"}
+        config |= extra or {}
         if admin:
             port = free_port()
             config["KVTIER_ADMIN_PORT"] = str(port)

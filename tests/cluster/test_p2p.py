@@ -1,0 +1,67 @@
+"""P2P with real processes: chunks fetched from a peer bit-exactly; a dead or hung peer costs a deadline."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.cluster.procs import Controller, Instance, wait_for
+
+pytest.importorskip("fastapi")
+
+DOC = list(range(2000, 2040))  # 10 chunks of 4
+SERVE = {"KVTIER_CLUSTER_ADVERTISE": "127.0.0.1:0"}
+FETCH = {"KVTIER_CLUSTER_PEER_FETCH": "true", "KVTIER_CLUSTER_PEER_TIMEOUT_MS": "500",
+         "KVTIER_CLUSTER_PEER_LOOKUP_TIMEOUT_MS": "1000"}  # fmt: skip
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    controller = Controller(missed_beats=3)
+    started: list[Instance] = []
+
+    def start(instance_id: str, extra: dict[str, str], disk: bool = False) -> Instance:
+        inst = Instance(instance_id, controller, "1MiB", tmp_path / instance_id if disk else None, extra=extra)
+        started.append(inst)
+        return inst
+
+    yield controller, start
+    for inst in started:
+        if inst.proc.poll() is None:
+            os.kill(inst.proc.pid, signal.SIGCONT)
+        inst.stop()
+    controller.stop()
+
+
+def test_fetch_from_a_peer_is_bit_exact_and_lands_in_l1(cluster):
+    controller, start = cluster
+    a = start("a", SERVE, disk=True)
+    b = start("b", FETCH)
+    a.call("store", tokens=DOC[:28])
+    assert controller.instances()["a"]["address"].startswith("127.0.0.1:")
+    got = b.call("retrieve", tokens=DOC)
+    assert got["tokens"] == 28
+    assert got["digest"] == b.call("expected", tokens=DOC[:28])["digest"]  # the same bits a stored
+    b.call("sync")
+    assert controller.instances()["b"]["chunks"]["l1"] == 7  # promoted into b's L1 and reported
+    answer = controller.post("/lookup", {"tokens": DOC, "model": "test-model"})
+    assert {e["id"] for e in answer["instances"]} == {"a", "b"}
+
+
+def test_a_hung_peer_costs_one_deadline_then_nothing(cluster):
+    controller, start = cluster
+    a = start("a", SERVE)
+    b = start("b", FETCH)
+    a.call("store", tokens=DOC[:20])
+    os.kill(a.proc.pid, signal.SIGSTOP)  # accepts connections (kernel backlog) but never answers
+    began = time.monotonic()
+    got = b.call("retrieve", tokens=DOC)
+    assert got["tokens"] == 0 and time.monotonic() - began < 5
+    assert got["seconds"] < 0.5 + 1.0 + 0.5  # lookup deadline + fetch deadline + slack
+    again = b.call("retrieve", tokens=DOC)  # the breaker is open: no second wait
+    assert again["tokens"] == 0 and again["seconds"] < 0.2
+    wait_for(lambda: not controller.instances()["a"]["alive"], 5, "a marked dead")
+    os.kill(a.proc.pid, signal.SIGCONT)
