@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from kvtier.codec import Codec
-from kvtier.codec.framing import HEADER_SIZE, encode_object
+from kvtier.codec.framing import encode_object
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.storage.cpu import CPUTier
@@ -41,17 +41,13 @@ class PeerObjects:
     def __init__(self, l1: CPUTier | None, disk: FileTier | None, layout: KVLayout, codec: Codec) -> None:
         self.l1, self.disk, self.layout, self.codec = l1, disk, layout, codec
 
-    def get_memory(self, key: ChunkKey) -> torch.Tensor | None:
-        """L1's chunk, framed into one new buffer (one copy: the reply sends one buffer per object)."""
+    def get_memory(self, key: ChunkKey) -> list[Any] | None:
+        """L1's chunk framed: [header, payload], the payload a view of the L1 tensor (no copy)."""
         kv = None if self.l1 is None else self.l1.get(key)
         if kv is None:
             return None
         header, payload = encode_object(key, self.layout, self.codec, kv)
-        obj = torch.empty(HEADER_SIZE + payload.nbytes, dtype=torch.uint8)
-        view = obj.numpy().data
-        view[:HEADER_SIZE] = header
-        view[HEADER_SIZE:] = payload.cast("B")
-        return obj
+        return [header, payload]
 
     def get_disk(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
         """The disk files of `keys` as they are (the fetching peer validates them); blocking."""
