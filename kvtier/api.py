@@ -62,11 +62,48 @@ def create_admin_app(engine: "CacheEngine", token: str = "") -> Any:
         check(request)
         return {"removed": engine.clear()}
 
+    @app.post("/pin")
+    def pin(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        check(request)
+        keys = _keys(body)
+        if engine.chain.l1 is None:
+            raise HTTPException(409, "this instance has no L1 to pin chunks in")
+        engine.chain.l1.pin(keys)
+        return {"keys": len(keys)}
+
+    @app.post("/unpin")
+    def unpin(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        check(request)
+        return {"keys": 0 if engine.chain.l1 is None else engine.chain.l1.unpin(_keys(body))}
+
+    @app.post("/fetch")
+    def fetch(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        check(request)
+        from kvtier.cluster.peer import fetch_from
+
+        return {"stored": fetch_from(engine, str(body["address"]), _keys(body))}
+
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _keys(body: dict[str, Any]) -> list[Any]:
+    """The chunk keys of a {"namespace": hex, "hashes": [digest hex]} body; ValueError if malformed."""
+    from fastapi import HTTPException
+
+    from kvtier.keys import ChunkKey
+
+    try:
+        namespace = bytes.fromhex(body["namespace"])
+        keys = [ChunkKey(namespace, bytes.fromhex(h)) for h in body["hashes"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HTTPException(400, f"expected {{namespace, hashes}}: {exc!r}") from None
+    if any(len(k.namespace) != 16 or len(k.digest) != 16 for k in keys):
+        raise HTTPException(400, "namespace and hashes are 16 bytes (32 hex digits) each")
+    return keys
 
 
 class AdminServer:

@@ -10,12 +10,12 @@ carry `Authorization: Bearer <token>` (401).
 # is imported inside create_app (fastapi is optional), where only evaluated annotations can see it.
 import hmac
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from kvtier.cluster import forward
 from kvtier.cluster.events import TIER_NAMES
 from kvtier.cluster.state import ControllerState, Instance, Registration
 from kvtier.units import MiB
@@ -23,8 +23,6 @@ from kvtier.units import MiB
 log = logging.getLogger("kvtier.cluster.app")
 TOKEN_ENV = "KVTIER_CONTROLLER_TOKEN"  # the shared secret of the controller and its instances
 MSGPACK = "application/msgpack"
-ADMIN_TOKEN_ENV = "KVTIER_ADMIN_TOKEN"  # sent to the instances' admin APIs (clear)
-CLEAR_TIMEOUT = 30.0  # seconds an instance may take to clear its cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +136,23 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
     @app.post("/clear")
     async def clear(request: Request) -> dict[str, Any]:
         target = (await decode(request, dict[str, str | None])).get("instance")
-        return {"cleared": await _clear(state, target)}
+        return {"cleared": await forward.post_all(forward.targets(state, target), "/clear", {}, "removed")}
+
+    @app.post("/pin")
+    async def pin(request: Request) -> dict[str, Any]:
+        return await _pin(state, await decode(request, _Action), "/pin")
+
+    @app.post("/unpin")
+    async def unpin(request: Request) -> dict[str, Any]:
+        return await _pin(state, await decode(request, _Action), "/unpin")
+
+    @app.post("/move")
+    async def move(request: Request) -> dict[str, Any]:
+        req = await decode(request, _Action)
+        if req.source is None or req.dest is None:
+            raise ValueError("a move needs 'source' and 'dest' instance ids")
+        namespace, digests = _digests(state, req, config.max_lookup)
+        return await forward.move(state, req.source, req.dest, namespace, digests)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -218,29 +232,32 @@ def _lookup(state: ControllerState, req: _Lookup, limit: int) -> dict[str, Any]:
     return {"chunks": result.chunks, "best": result.best, "best_tokens": best_tokens, "instances": out}
 
 
-async def _clear(state: ControllerState, target: str | None) -> dict[str, Any]:
-    """Ask the live instances (or `target`) to clear their caches through their admin APIs; their
-    evictions come back as events. Per instance: chunks removed, or why not."""
-    import httpx
+class _Action(_Lookup, forbid_unknown_fields=True):
+    instance: str | None = None  # pin/unpin: only this instance (default: every live one)
+    source: str | None = None  # move: the instance that has the chunks
+    dest: str | None = None  # move: the instance that copies them
 
-    insts = [i for i in state.instances.values() if target in (None, i.reg.id) and state.alive(i)]
-    if target is not None and not insts:
-        raise LookupError(f"no live instance {target!r}")
-    token = os.environ.get(ADMIN_TOKEN_ENV, "")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    out: dict[str, Any] = {}
-    async with httpx.AsyncClient(timeout=CLEAR_TIMEOUT, headers=headers) as client:
-        for inst in insts:
-            if not inst.reg.admin_url:
-                out[inst.reg.id] = "no admin API (admin.port is 0)"
-                continue
-            try:
-                response = await client.post(inst.reg.admin_url + "/clear")
-                response.raise_for_status()
-                out[inst.reg.id] = response.json()["removed"]
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
-                out[inst.reg.id] = f"failed: {exc!r}"
-    return out
+
+def _digests(state: ControllerState, req: _Lookup, limit: int) -> tuple[str, list[str]]:
+    """(namespace hex, digests hex) named by a request's tokens or hashes."""
+    if (req.tokens is None) == (req.hashes is None):
+        raise ValueError("give either tokens or hashes")
+    if len(req.tokens or req.hashes or ()) > limit:
+        raise ValueError(f"at most {limit} tokens or hashes per request")
+    if req.tokens is not None:
+        hasher = state.hasher_for(req.model, req.namespace)
+        return hasher.namespace.hex(), [c.key.digest.hex() for c in hasher.chunks(req.tokens)]
+    if req.namespace is None:
+        raise ValueError("hashes need the namespace")
+    return req.namespace, list(req.hashes or ())
+
+
+async def _pin(state: ControllerState, req: _Action, path: str) -> dict[str, Any]:
+    """Pin (or unpin) chunks in the L1 of one or every live instance; per instance, keys affected."""
+    namespace, digests = _digests(state, req, 1 << 20)
+    payload = {"namespace": namespace, "hashes": digests}
+    answer = await forward.post_all(forward.targets(state, req.instance), path, payload, "keys")
+    return {"pinned" if path == "/pin" else "unpinned": answer}
 
 
 def _holders(state: ControllerState, req: _Lookup, limit: int) -> dict[str, Any]:

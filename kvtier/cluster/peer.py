@@ -192,3 +192,27 @@ def add_peer_tier(engine: Any) -> None:
                       engine_codec=engine.config.codec, name="peer")  # fmt: skip
     position = sum(1 for t in engine.chain.lower if isinstance(t, FileTier))
     engine.chain.add_reader(tier, position)
+
+
+def fetch_from(engine: Any, address: str, keys: Sequence[ChunkKey]) -> int:
+    """Copy the leading `keys` a peer at `address` holds into this engine (L1 now, lower tiers
+    asynchronously), validated like every peer fetch; how many were stored."""
+    from kvtier.codec import get_codec
+    from kvtier.server.client import TOKEN_ENV, KVTierClient
+    from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
+
+    host, _, port = address.rpartition(":")
+    timeout = engine.config.cluster.peer_timeout_ms / 1e3
+    client = KVTierClient(host.strip("[]"), int(port), os.environ.get(TOKEN_ENV, ""))
+    tier = RemoteTier(client, engine.layout, get_codec(engine.config.codec), RemoteOptions(timeout=timeout),
+                      engine_codec=engine.config.codec, name="move")  # fmt: skip
+    stored = 0
+    try:
+        for key, kv in zip(keys, tier.get_many(keys), strict=True):
+            if kv is None:
+                break
+            engine.chain.store(key, kv)
+            stored += 1
+    finally:
+        tier.close()
+    return stored

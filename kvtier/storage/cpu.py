@@ -120,6 +120,25 @@ class CPUTier:
                     else:
                         del self._pins[key]
 
+    def pin(self, keys: Iterable[ChunkKey]) -> None:
+        """Keep `keys` from eviction until unpin() (counted: two pins need two unpins)."""
+        with self._lock:
+            for key in keys:
+                self._pins[key] = self._pins.get(key, 0) + 1
+
+    def unpin(self, keys: Iterable[ChunkKey]) -> int:
+        """Undo one pin() of each of `keys`; how many were pinned."""
+        done = 0
+        with self._lock:
+            for key in keys:
+                count = self._pins.get(key, 0)
+                if count > 1:
+                    self._pins[key] = count - 1
+                elif count == 1:
+                    del self._pins[key]
+                done += count > 0
+        return done
+
     def held_keys(self) -> list[ChunkKey]:
         """A snapshot of the keys held."""
         with self._lock:

@@ -18,7 +18,7 @@ TOKENS = list(range(20))  # 5 chunks of 4
 
 def registration(instance_id: str) -> dict:
     return {"id": instance_id, "model": "m", "namespace": NS.hex(), "chunk_size": 4, "hash": "xxh128",
-            "save_partial": True, "heartbeat_s": 1.0, "address": f"127.0.0.1:{len(instance_id)}"}  # fmt: skip
+            "save_partial": True, "heartbeat_s": 1.0}  # fmt: skip
 
 
 def keys() -> list[bytes]:
@@ -79,3 +79,16 @@ def test_token_is_required_except_for_health():
     assert client.get("/instances").status_code == 401
     assert client.get("/instances", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/instances", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_actions_name_what_is_wrong(client):
+    client.post("/register", json=registration("a"))
+    post_msgpack(client, "/snapshot", {"id": "a", "seq": 0, "tiers": {}})
+    assert client.post("/move", json={"tokens": TOKENS, "model": "m"}).status_code == 400
+    assert client.post("/move", json={"source": "a", "dest": "zz", "tokens": TOKENS, "model": "m"}).status_code == 404
+    assert "advertise" in client.post("/move", json={"source": "a", "dest": "a", "tokens": TOKENS,
+                                                     "model": "m"}).json()["detail"]  # fmt: skip
+    assert client.post("/pin", json={"instance": "nobody", "tokens": TOKENS, "model": "m"}).status_code == 404
+    assert client.post("/pin", json={"tokens": TOKENS, "model": "m"}).json() == {
+        "pinned": {"a": "no admin API (admin.port is 0)"}
+    }

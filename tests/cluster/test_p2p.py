@@ -13,6 +13,7 @@ from tests.cluster.procs import Controller, Instance, wait_for
 pytest.importorskip("fastapi")
 
 DOC = list(range(2000, 2040))  # 10 chunks of 4
+OTHER = list(range(7000, 7012))  # 3 chunks
 SERVE = {"KVTIER_CLUSTER_ADVERTISE": "127.0.0.1:0"}
 FETCH = {"KVTIER_CLUSTER_PEER_FETCH": "true", "KVTIER_CLUSTER_PEER_TIMEOUT_MS": "500",
          "KVTIER_CLUSTER_PEER_LOOKUP_TIMEOUT_MS": "1000"}  # fmt: skip
@@ -23,8 +24,9 @@ def cluster(tmp_path):
     controller = Controller(missed_beats=3)
     started: list[Instance] = []
 
-    def start(instance_id: str, extra: dict[str, str], disk: bool = False) -> Instance:
-        inst = Instance(instance_id, controller, "1MiB", tmp_path / instance_id if disk else None, extra=extra)
+    def start(instance_id: str, extra: dict[str, str], disk: bool = False, admin: bool = False) -> Instance:
+        l1 = extra.get("KVTIER_L1_SIZE", "1MiB")
+        inst = Instance(instance_id, controller, l1, tmp_path / instance_id if disk else None, admin, extra)
         started.append(inst)
         return inst
 
@@ -65,3 +67,30 @@ def test_a_hung_peer_costs_one_deadline_then_nothing(cluster):
     assert again["tokens"] == 0 and again["seconds"] < 0.2
     wait_for(lambda: not controller.instances()["a"]["alive"], 5, "a marked dead")
     os.kill(a.proc.pid, signal.SIGCONT)
+
+
+def test_move_copies_chunks_between_instances(cluster):
+    controller, start = cluster
+    a = start("a", SERVE)
+    b = start("b", {}, admin=True)
+    a.call("store", tokens=DOC[:28])
+    answer = controller.post("/move", {"source": "a", "dest": "b", "tokens": DOC, "model": "test-model"})
+    assert answer == {"from": "a", "to": "b", "stored": 7}
+    b.call("sync")
+    got = b.call("retrieve", tokens=DOC)
+    assert got["tokens"] == 28 and got["digest"] == b.call("expected", tokens=DOC[:28])["digest"]
+    assert controller.instances()["b"]["chunks"]["l1"] == 7
+
+
+def test_pin_keeps_chunks_in_l1(cluster):
+    controller, start = cluster
+    a = start("a", {"KVTIER_L1_SIZE": str(3 * 4 * 256)}, admin=True)  # room for 3 chunks
+    a.call("store", tokens=DOC[:12])
+    pinned = controller.post("/pin", {"tokens": DOC[:12], "model": "test-model"})
+    assert pinned == {"pinned": {"a": 3}}
+    a.call("store", tokens=OTHER)  # L1 is full of pinned chunks: refused
+    assert len(a.call("keys")["l1"]) == 3
+    assert controller.post("/lookup", {"tokens": DOC, "model": "test-model"})["best_tokens"] == 12
+    assert controller.post("/unpin", {"tokens": DOC[:12], "model": "test-model"}) == {"unpinned": {"a": 3}}
+    a.call("store", tokens=OTHER)
+    assert controller.post("/lookup", {"tokens": DOC, "model": "test-model"})["best_tokens"] == 0
