@@ -103,7 +103,17 @@ class CacheEngine:
             heartbeat_s=cfg.heartbeat_ms / 1000, address=address,
             admin_url="" if self.admin is None else self.admin.url,
         )  # fmt: skip
-        return ClusterAgent(cfg, reg, tiers)
+        return ClusterAgent(cfg, reg, tiers, self._heartbeat_stats)
+
+    def _heartbeat_stats(self) -> dict[str, float]:
+        """What the controller's dashboard shows of this engine: lookups, hits, tier usage."""
+        c = self.counters
+        out = {"lookup_tokens": float(c.lookup_tokens), "hit_tokens": float(c.lookup_hit_tokens)}
+        for tier in self.chain.tiers:
+            if isinstance(tier, (CPUTier, FileTier)):
+                out[f"{tier.name}_bytes"] = float(tier.stats.bytes)
+                out[f"{tier.name}_capacity"] = float(tier.capacity)
+        return out
 
     # --- keys --------------------------------------------------------------------------------------
 

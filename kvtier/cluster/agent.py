@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, Protocol
 
@@ -50,12 +50,19 @@ class ControllerUnavailable(Exception):
 class ClusterAgent:
     """Keeps the controller's view of this instance's tiers up to date, from a background thread."""
 
-    def __init__(self, config: ClusterConfig, reg: Registration, tiers: Sequence[ReportingTier]) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        reg: Registration,
+        tiers: Sequence[ReportingTier],
+        stats: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
         assert config.controller_url is not None
         self.config = config
         self.reg = reg
         self.tiers = [t for t in tiers if t.name in TIER_CODES]
         self.batcher = EventBatcher(config.max_events)
+        self.stats = stats  # counters and gauges sent with each heartbeat (the controller's dashboard)
         self.registered = False  # the controller accepted our registration
         self.synced = False  # ... and our latest snapshot
         self.acked = 0  # number of the last batch the controller applied (or a snapshot stands for)
@@ -74,7 +81,7 @@ class ClusterAgent:
             try:
                 self._step()
                 if time.monotonic() >= next_beat:
-                    self._answer(self._post("/heartbeat", {"id": self.reg.id}))
+                    self._answer(self._post("/heartbeat", {"id": self.reg.id, "stats": self._stats()}))
                     next_beat = time.monotonic() + self.config.heartbeat_ms / 1000
             except ControllerUnavailable as exc:
                 self._burst.warning("down", "controller %s: %s", self._url, exc)
@@ -101,6 +108,13 @@ class ClusterAgent:
             self._answer(answer)
             if answer.get("status") == OK:
                 self.acked = seq
+
+    def _stats(self) -> dict[str, float] | None:
+        try:
+            return None if self.stats is None else self.stats()
+        except Exception as exc:  # stats are for display: never let them stop heartbeats
+            self._burst.warning("stats", "cannot read stats for the heartbeat: %r", exc)
+            return None
 
     def _snapshot(self) -> None:
         seq = self.batcher.reset()

@@ -23,6 +23,7 @@ from kvtier.units import MiB
 log = logging.getLogger("kvtier.cluster.app")
 TOKEN_ENV = "KVTIER_CONTROLLER_TOKEN"  # the shared secret of the controller and its instances
 MSGPACK = "application/msgpack"
+OPEN_PATHS = ("/health", "/")  # no token needed: a probe, and the dashboard page (it holds no data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,11 @@ class _Events(msgspec.Struct):
     id: str
     seq: int
     events: bytes
+
+
+class _Heartbeat(msgspec.Struct):
+    id: str
+    stats: dict[str, float] | None = None  # counters and gauges for the dashboard (see agent.py)
 
 
 class _Snapshot(msgspec.Struct):
@@ -115,7 +121,19 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
 
     @app.post("/heartbeat")
     async def heartbeat(request: Request) -> dict[str, Any]:
-        return {"status": state.heartbeat((await decode(request, dict[str, str]))["id"])}
+        beat = await decode(request, _Heartbeat)
+        return {"status": state.heartbeat(beat.id, beat.stats)}
+
+    @app.get("/history")
+    async def history() -> dict[str, Any]:
+        now = state.clock()
+        return {i.reg.id: [[round(t - now, 3), s] for t, s in i.history] for i in state.instances.values()}
+
+    @app.get("/")
+    async def dashboard() -> Response:
+        from kvtier.cluster.dashboard import PAGE
+
+        return Response(PAGE, media_type="text/html; charset=utf-8")
 
     @app.post("/events")
     async def events(request: Request) -> dict[str, Any]:
@@ -190,7 +208,7 @@ class _Guard:
             headers = dict(scope["headers"])
             refusal = None
             sent = headers.get(b"authorization", b"")
-            if self.config.token and scope["path"] != "/health" and not hmac.compare_digest(sent, self.expected):
+            if self.config.token and scope["path"] not in OPEN_PATHS and not hmac.compare_digest(sent, self.expected):
                 refusal = 401, "missing or wrong bearer token"
             length = headers.get(b"content-length", b"0")
             if refusal is None and (not length.isdigit() or int(length) > self.config.max_body):

@@ -9,6 +9,7 @@ An instance is dead when it missed `missed_beats` heartbeats; lookups never rout
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from kvtier.cluster.index import ChunkIndex
 from kvtier.keys import ChunkHasher
 
 OK, RESYNC, UNKNOWN = "ok", "resync", "unknown"  # answers to heartbeats and event batches
+HISTORY = 720  # heartbeat samples kept per instance (12 minutes at one per second)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,8 @@ class Instance:
     seq: int | None = None  # last batch applied; None until the first snapshot
     events: int = 0  # events applied
     resyncs: int = 0  # snapshots applied
+    # (clock time, counters and gauges the instance sent with a heartbeat), the latest HISTORY
+    history: deque[tuple[float, dict[str, float]]] = field(default_factory=lambda: deque(maxlen=HISTORY))
     hasher: ChunkHasher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -107,12 +111,15 @@ class ControllerState:
         """Whether `inst` was heard from within its last `missed_beats` heartbeat intervals."""
         return self.clock() - inst.last_seen <= self.missed_beats * inst.reg.heartbeat_s
 
-    def heartbeat(self, instance_id: str) -> str:
-        """Note that the instance is alive; UNKNOWN if it must register, RESYNC if it owes a snapshot."""
+    def heartbeat(self, instance_id: str, stats: dict[str, float] | None = None) -> str:
+        """Note that the instance is alive (and its `stats`, kept as history for the dashboard);
+        UNKNOWN if it must register, RESYNC if it owes a snapshot."""
         inst = self.instances.get(instance_id)
         if inst is None:
             return UNKNOWN
         inst.last_seen = self.clock()
+        if stats:
+            inst.history.append((inst.last_seen, {k: float(v) for k, v in stats.items()}))
         return OK if inst.seq is not None else RESYNC
 
     # --- events ---------------------------------------------------------------------------------

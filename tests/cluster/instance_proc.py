@@ -2,6 +2,7 @@
 
 Commands (one JSON object per line; one JSON answer per line on stdout):
   {"op": "store", "tokens": [...]}   store random KV for the tokens, then wait until the controller has the events
+  {"op": "lookup", "tokens": [...]}   engine.lookup (counted in the stats heartbeats carry)
   {"op": "retrieve", "tokens": [...]} the cached prefix: its length, an xxh3 digest of its KV, seconds taken
   {"op": "expected", "tokens": [...]} the digest of the KV "store" would store for the tokens
   {"op": "keys"}                     the digests (hex) each tier holds now
@@ -35,6 +36,8 @@ def main() -> int:
             tokens = cmd["tokens"]
             stored = engine.store(tokens, random_kv(SMALL, len(tokens), seed=len(tokens)))
             answer: dict = {"stored": stored}
+        elif cmd["op"] == "lookup":
+            answer = {"tokens": engine.lookup(cmd["tokens"])}
         elif cmd["op"] == "retrieve":
             began = time.perf_counter()
             kv = engine.retrieve(cmd["tokens"])
