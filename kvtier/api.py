@@ -24,21 +24,29 @@ OPEN_PATHS = ("/health", "/metrics")  # routes that need no token (probes and sc
 
 def create_admin_app(engine: "CacheEngine", token: str = "") -> Any:
     """The FastAPI application of one instance's admin API."""
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import Response
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    from kvtier.metrics import engine_registry
-
-    registry = engine_registry(engine)
-    app = FastAPI(title="kvtier instance", docs_url=None, redoc_url=None)
-    started = time.monotonic()
+    from fastapi import Depends, FastAPI, HTTPException, Request
 
     def check(request: Request) -> None:
         if token and request.url.path not in OPEN_PATHS:
             sent = request.headers.get("authorization", "")
             if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
                 raise HTTPException(401, "missing or wrong bearer token")
+
+    app = FastAPI(title="kvtier instance", docs_url=None, redoc_url=None, dependencies=[Depends(check)])
+    _read_routes(app, engine)
+    _cache_routes(app, engine)
+    return app
+
+
+def _read_routes(app: Any, engine: "CacheEngine") -> None:
+    """health, config, stats, metrics."""
+    from fastapi.responses import Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from kvtier.metrics import engine_registry
+
+    registry = engine_registry(engine)
+    started = time.monotonic()
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -48,23 +56,28 @@ def create_admin_app(engine: "CacheEngine", token: str = "") -> Any:
                 "cluster": cluster}  # fmt: skip
 
     @app.get("/config")
-    def config(request: Request) -> dict[str, Any]:
-        check(request)
+    def config() -> dict[str, Any]:
         return {**engine.config.to_dict(), "namespace": engine.hasher.namespace.hex()}
 
     @app.get("/stats")
-    def stats(request: Request) -> dict[str, Any]:
-        check(request)
+    def stats() -> dict[str, Any]:
         return engine.stats()
 
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _cache_routes(app: Any, engine: "CacheEngine") -> None:
+    """clear, pin, unpin, fetch (a move's destination side)."""
+    from fastapi import HTTPException
+
     @app.post("/clear")
-    def clear(request: Request) -> dict[str, Any]:
-        check(request)
+    def clear() -> dict[str, Any]:
         return {"removed": engine.clear()}
 
     @app.post("/pin")
-    def pin(request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        check(request)
+    def pin(body: dict[str, Any]) -> dict[str, Any]:
         keys = _keys(body)
         if engine.chain.l1 is None:
             raise HTTPException(409, "this instance has no L1 to pin chunks in")
@@ -72,22 +85,17 @@ def create_admin_app(engine: "CacheEngine", token: str = "") -> Any:
         return {"keys": len(keys)}
 
     @app.post("/unpin")
-    def unpin(request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        check(request)
+    def unpin(body: dict[str, Any]) -> dict[str, Any]:
         return {"keys": 0 if engine.chain.l1 is None else engine.chain.l1.unpin(_keys(body))}
 
     @app.post("/fetch")
-    def fetch(request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        check(request)
+    def fetch(body: dict[str, Any]) -> dict[str, Any]:
         from kvtier.cluster.peer import fetch_from
 
-        return {"stored": fetch_from(engine, str(body["address"]), _keys(body))}
-
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
+        address = body.get("address")
+        if not isinstance(address, str) or ":" not in address:
+            raise HTTPException(400, "expected {address: host:port, namespace, hashes}")
+        return {"stored": fetch_from(engine, address, _keys(body))}
 
 
 def _keys(body: dict[str, Any]) -> list[Any]:

@@ -10,6 +10,7 @@ carry `Authorization: Bearer <token>` (401).
 # is imported inside create_app (fastapi is optional), where only evaluated annotations can see it.
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +72,8 @@ class _Lookup(msgspec.Struct, forbid_unknown_fields=True):
 
 def create_app(config: ControllerConfig, state: ControllerState | None = None) -> Any:
     """The FastAPI application of a controller."""
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
 
     from kvtier.cluster.metrics import controller_registry
 
@@ -80,25 +81,7 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
     registry, lookup_latency = controller_registry(state)
     app = FastAPI(title="kvtier controller", docs_url=None, redoc_url=None)
     app.state.kv = state
-
     app.add_middleware(_Guard, config=config)
-
-    async def body(request: Request) -> bytes:
-        data = bytearray()
-        async for piece in request.stream():
-            data += piece
-            if len(data) > config.max_body:
-                raise HTTPException(413, f"body over {config.max_body} bytes")
-        return bytes(data)
-
-    async def decode(request: Request, kind: type, fmt: str = "json") -> Any:
-        try:
-            raw = await body(request)
-            return (msgspec.msgpack if fmt == "msgpack" else msgspec.json).decode(raw, type=kind)
-        except msgspec.ValidationError as exc:
-            raise HTTPException(400, f"bad request: {exc}") from exc
-        except msgspec.DecodeError as exc:
-            raise HTTPException(400, f"bad request body: {exc}") from exc
 
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, exc: ValueError) -> Any:
@@ -108,10 +91,37 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
     async def not_found(request: Request, exc: LookupError) -> Any:
         return JSONResponse({"detail": str(exc.args[0] if exc.args else exc)}, status_code=404)
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        alive = sum(state.alive(i) for i in state.instances.values())
-        return {"status": "ok", "instances": len(state.instances), "alive": alive, "chunks": len(state.index)}
+    decode = _decoder(config.max_body)
+    _membership_routes(app, state, decode)
+    _query_routes(app, state, config.max_lookup, decode, lookup_latency)
+    _action_routes(app, state, config.max_lookup, decode)
+    _page_routes(app, state, registry)
+    return app
+
+
+def _decoder(max_body: int) -> Callable[..., Awaitable[Any]]:
+    """`await decode(request, Type, "json" | "msgpack")`: the body, at most `max_body` bytes, as Type (400 if not)."""
+    from fastapi import HTTPException, Request
+
+    async def decode(request: Request, kind: type, fmt: str = "json") -> Any:
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > max_body:
+                raise HTTPException(413, f"body over {max_body} bytes")
+        try:
+            return (msgspec.msgpack if fmt == "msgpack" else msgspec.json).decode(data, type=kind)
+        except msgspec.ValidationError as exc:
+            raise HTTPException(400, f"bad request: {exc}") from exc
+        except msgspec.DecodeError as exc:
+            raise HTTPException(400, f"bad request body: {exc}") from exc
+
+    return decode
+
+
+def _membership_routes(app: Any, state: ControllerState, decode: Any) -> None:
+    """What instances call: register, heartbeat, events, snapshot."""
+    from fastapi import Request
 
     @app.post("/register")
     async def register(request: Request) -> dict[str, Any]:
@@ -124,17 +134,6 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
         beat = await decode(request, _Heartbeat)
         return {"status": state.heartbeat(beat.id, beat.stats)}
 
-    @app.get("/history")
-    async def history() -> dict[str, Any]:
-        now = state.clock()
-        return {i.reg.id: [[round(t - now, 3), s] for t, s in i.history] for i in state.instances.values()}
-
-    @app.get("/")
-    async def dashboard() -> Response:
-        from kvtier.cluster.dashboard import PAGE
-
-        return Response(PAGE, media_type="text/html; charset=utf-8")
-
     @app.post("/events")
     async def events(request: Request) -> dict[str, Any]:
         msg = await decode(request, _Events, "msgpack")
@@ -145,11 +144,41 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
         msg = await decode(request, _Snapshot, "msgpack")
         return {"status": state.snapshot(msg.id, msg.seq, msg.tiers)}
 
+
+def _query_routes(app: Any, state: ControllerState, max_lookup: int, decode: Any, latency: Any) -> None:
+    """What routers and operators read: health, lookup, holders, instances."""
+    from fastapi import HTTPException, Request
+    from fastapi.responses import JSONResponse, Response
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        alive = sum(state.alive(i) for i in state.instances.values())
+        return {"status": "ok", "instances": len(state.instances), "alive": alive, "chunks": len(state.index)}
+
     @app.post("/lookup")
     async def lookup(request: Request) -> Response:
         req = await decode(request, _Lookup)
-        with lookup_latency.time():
-            return JSONResponse(_lookup(state, req, config.max_lookup))
+        with latency.time():
+            return JSONResponse(_lookup(state, req, max_lookup))
+
+    @app.post("/holders")
+    async def holders(request: Request) -> dict[str, Any]:
+        return _holders(state, await decode(request, _Lookup), max_lookup)
+
+    @app.get("/instances")
+    async def instances() -> list[dict[str, Any]]:
+        return [_describe(state, inst) for inst in state.instances.values()]
+
+    @app.delete("/instances/{instance_id}")
+    async def remove(instance_id: str) -> dict[str, Any]:
+        if not state.remove(instance_id):
+            raise HTTPException(404, f"no instance {instance_id!r}")
+        return {"status": "ok"}
+
+
+def _action_routes(app: Any, state: ControllerState, max_lookup: int, decode: Any) -> None:
+    """What the instances carry out (forward.py): clear, pin, unpin, move."""
+    from fastapi import Request
 
     @app.post("/clear")
     async def clear(request: Request) -> dict[str, Any]:
@@ -169,30 +198,30 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
         req = await decode(request, _Action)
         if req.source is None or req.dest is None:
             raise ValueError("a move needs 'source' and 'dest' instance ids")
-        namespace, digests = _digests(state, req, config.max_lookup)
+        namespace, digests = _digests(state, req, max_lookup)
         return await forward.move(state, req.source, req.dest, namespace, digests)
+
+
+def _page_routes(app: Any, state: ControllerState, registry: Any) -> None:
+    """The dashboard, the history it draws, and Prometheus metrics."""
+    from fastapi.responses import Response
+
+    @app.get("/")
+    async def dashboard() -> Response:
+        from kvtier.cluster.dashboard import PAGE
+
+        return Response(PAGE, media_type="text/html; charset=utf-8")
+
+    @app.get("/history")
+    async def history() -> dict[str, Any]:
+        now = state.clock()
+        return {i.reg.id: [[round(t - now, 3), s] for t, s in i.history] for i in state.instances.values()}
 
     @app.get("/metrics")
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.post("/holders")
-    async def holders(request: Request) -> dict[str, Any]:
-        return _holders(state, await decode(request, _Lookup), config.max_lookup)
-
-    @app.get("/instances")
-    async def instances() -> list[dict[str, Any]]:
-        return [_describe(state, inst) for inst in state.instances.values()]
-
-    @app.delete("/instances/{instance_id}")
-    async def remove(instance_id: str) -> dict[str, Any]:
-        if not state.remove(instance_id):
-            raise HTTPException(404, f"no instance {instance_id!r}")
-        return {"status": "ok"}
-
-    return app
 
 
 class _Guard:
