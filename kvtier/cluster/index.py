@@ -2,7 +2,7 @@
 
 One dict maps a chunk's 32 key bytes (namespace + digest) to an int whose bit `slot * TIERS + tier`
 says that the instance in `slot` holds the chunk in `tier`. With small ints shared by CPython, a
-million chunks cost about 150 MB whatever the number of instances, and a lookup is one dict probe
+million chunks cost about 135 MB (measured) whatever the number of instances, and a lookup is one dict probe
 and a few integer operations per chunk, for every instance at once.
 """
 
