@@ -158,11 +158,13 @@ class ClusterAgent:
         return False
 
     def close(self) -> None:
-        """Send what is pending (best effort), then stop the thread."""
+        """Stop the thread, then send pending events (best effort, one request deadline at most)."""
         self._stop.set()
         self._thread.join()
         for tier in self.tiers:
             tier.listener = None
+        if not (self.registered and self.synced):
+            return  # nothing to add to: the next start registers and sends a snapshot anyway
         try:
             self._step()
         except ControllerUnavailable as exc:

@@ -3,7 +3,8 @@
 Commands (one JSON object per line; one JSON answer per line on stdout):
   {"op": "store", "tokens": [...]}   store random KV for the tokens, then wait until the controller has the events
   {"op": "lookup", "tokens": [...]}   engine.lookup (counted in the stats heartbeats carry)
-  {"op": "retrieve", "tokens": [...]} the cached prefix: its length, an xxh3 digest of its KV, seconds taken
+  {"op": "retrieve", "tokens": [...], "repeat"?: n}
+                                     the cached prefix: its length, an xxh3 digest of its KV, seconds per try
   {"op": "expected", "tokens": [...]} the digest of the KV "store" would store for the tokens
   {"op": "keys"}                     the digests (hex) each tier holds now
   {"op": "sync"}                     wait until every store and event is delivered
@@ -39,9 +40,12 @@ def main() -> int:
         elif cmd["op"] == "lookup":
             answer = {"tokens": engine.lookup(cmd["tokens"])}
         elif cmd["op"] == "retrieve":
-            began = time.perf_counter()
-            kv = engine.retrieve(cmd["tokens"])
-            answer = {"tokens": kv.shape[2], "digest": digest(kv), "seconds": time.perf_counter() - began}
+            seconds = []  # with "repeat": 2, a second retrieve right after the first (no round trip between)
+            for _ in range(cmd.get("repeat", 1)):
+                began = time.perf_counter()
+                kv = engine.retrieve(cmd["tokens"])
+                seconds.append(time.perf_counter() - began)
+            answer = {"tokens": kv.shape[2], "digest": digest(kv), "seconds": seconds}
         elif cmd["op"] == "expected":  # what store() stored for these tokens, without storing it
             answer = {"digest": digest(random_kv(SMALL, len(cmd["tokens"]), seed=len(cmd["tokens"])))}
         elif cmd["op"] == "keys":

@@ -43,12 +43,12 @@ class Controller:
         wait_for(lambda: self.get("/health")["status"] == "ok", 30, "controller start")
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=5) as r:
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
             return json.loads(r.read())
 
     def post(self, path: str, payload: dict[str, Any]) -> Any:
         req = urllib.request.Request(self.url + path, json.dumps(payload).encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
 
     def instances(self) -> dict[str, dict[str, Any]]:

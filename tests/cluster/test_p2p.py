@@ -15,13 +15,16 @@ pytest.importorskip("fastapi")
 DOC = list(range(2000, 2040))  # 10 chunks of 4
 OTHER = list(range(7000, 7012))  # 3 chunks
 SERVE = {"KVTIER_CLUSTER_ADVERTISE": "127.0.0.1:0"}
-FETCH = {"KVTIER_CLUSTER_PEER_FETCH": "true", "KVTIER_CLUSTER_PEER_TIMEOUT_MS": "500",
-         "KVTIER_CLUSTER_PEER_LOOKUP_TIMEOUT_MS": "1000"}  # fmt: skip
+# generous deadlines where the test is about the data (this machine is shared), short ones for a hung peer
+FETCH = {"KVTIER_CLUSTER_PEER_FETCH": "true", "KVTIER_CLUSTER_PEER_TIMEOUT_MS": "10000",
+         "KVTIER_CLUSTER_PEER_LOOKUP_TIMEOUT_MS": "10000"}  # fmt: skip
+IMPATIENT = FETCH | {"KVTIER_CLUSTER_PEER_TIMEOUT_MS": "500", "KVTIER_CLUSTER_PEER_LOOKUP_TIMEOUT_MS": "1000"}
+MOVER = {"KVTIER_CLUSTER_PEER_TIMEOUT_MS": "10000"}
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    controller = Controller(missed_beats=3)
+    controller = Controller(missed_beats=10)
     started: list[Instance] = []
 
     def start(instance_id: str, extra: dict[str, str], disk: bool = False, admin: bool = False) -> Instance:
@@ -56,23 +59,23 @@ def test_fetch_from_a_peer_is_bit_exact_and_lands_in_l1(cluster):
 def test_a_hung_peer_costs_one_deadline_then_nothing(cluster):
     controller, start = cluster
     a = start("a", SERVE)
-    b = start("b", FETCH)
+    b = start("b", IMPATIENT)
     a.call("store", tokens=DOC[:20])
     os.kill(a.proc.pid, signal.SIGSTOP)  # accepts connections (kernel backlog) but never answers
     began = time.monotonic()
-    got = b.call("retrieve", tokens=DOC)
-    assert got["tokens"] == 0 and time.monotonic() - began < 5
-    assert got["seconds"] < 0.5 + 1.0 + 0.5  # lookup deadline + fetch deadline + slack
-    again = b.call("retrieve", tokens=DOC)  # the breaker is open: no second wait
-    assert again["tokens"] == 0 and again["seconds"] < 0.2
-    wait_for(lambda: not controller.instances()["a"]["alive"], 5, "a marked dead")
+    got = b.call("retrieve", tokens=DOC, repeat=2)
+    assert got["tokens"] == 0 and time.monotonic() - began < 10
+    first, again = got["seconds"]
+    assert 0.5 <= first < 0.5 + 1.0 + 0.5  # the fetch deadline; at most + the lookup deadline + slack
+    assert again < 0.2  # the breaker is open (250 ms): no second wait
+    wait_for(lambda: not controller.instances()["a"]["alive"], 15, "a marked dead")
     os.kill(a.proc.pid, signal.SIGCONT)
 
 
 def test_move_copies_chunks_between_instances(cluster):
     controller, start = cluster
     a = start("a", SERVE)
-    b = start("b", {}, admin=True)
+    b = start("b", MOVER, admin=True)
     a.call("store", tokens=DOC[:28])
     answer = controller.post("/move", {"source": "a", "dest": "b", "tokens": DOC, "model": "test-model"})
     assert answer == {"from": "a", "to": "b", "stored": 7}
