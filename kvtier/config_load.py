@@ -22,9 +22,9 @@ log = logging.getLogger("kvtier.config")
 
 # (where the values came from, whether it is an LMCache source, dotted key -> raw value)
 Source = tuple[str, bool, dict[str, Any]]
-# variables of kvtier that are not config keys: the config file, the kvtier server token (never in a
-# config file or its printout)
-RESERVED_ENV = {"KVTIER_CONFIG", "KVTIER_SERVER_TOKEN"}
+# variables of kvtier that are not config keys: the config file, the tokens of the kvtier server, the
+# cluster controller and the admin API (never in a config file or its printout)
+RESERVED_ENV = {"KVTIER_CONFIG", "KVTIER_SERVER_TOKEN", "KVTIER_CONTROLLER_TOKEN", "KVTIER_ADMIN_TOKEN"}
 _CHOICE_KEYS = {"hash", "codec", "log_level", "l1.policy", "disk.policy", "remote.codec"}
 
 

@@ -29,14 +29,18 @@ from kvtier.logutil import setup_logging
 from kvtier.storage.base import Tier
 from kvtier.storage.chain import TierChain
 from kvtier.storage.cpu import CPUTier
-from kvtier.storage.disk import DiskTier
+from kvtier.storage.disk import DiskTier, FileTier
 from kvtier.storage.staging import StagingBuffer, StagingPool
 from kvtier.units import format_size
 
 log = logging.getLogger("kvtier.engine")
 Gather = Callable[[int, int], torch.Tensor]  # (start, end) -> a fresh canonical tensor of those tokens
 Scatter = Callable[[int, int, torch.Tensor], None]  # (start, end, canonical tensor) -> None
+Observer = Callable[[str, float], None]  # (operation, seconds): "lookup", "retrieve" or "store" took that long
 _BACKGROUND_NICE = 10  # nice value of the prefetch/promotion thread (Linux threads have their own)
+# seconds a promotion waits for the request that read the chunks to finish its prefill (signalled by
+# the next store or flush): promoting copies and faults in fresh memory, which would slow that prefill
+_PROMOTE_WAIT_S = 1.0
 _MEMO_SIZE = 32  # token sequences whose chunk keys are remembered (lookup, retrieve, store of one prompt)
 
 
@@ -71,7 +75,49 @@ class CacheEngine:
         self._staging = StagingPool()
         # prefetches and promotions: one thread, below the serving engine's threads in priority
         self._prefetcher = ThreadPoolExecutor(1, "kvtier-prefetch", initializer=_background_priority)
+        self._prefill_done = threading.Event()  # set by store and flush: deferred promotions may run
         self._closed = False
+        self.observer: Observer | None = None  # told how long each lookup, retrieve and store took (metrics)
+        self.admin = None
+        self.peer_server: Any = None  # the kvtier server over this engine's tiers (cluster.advertise)
+        if self.config.admin.port:
+            from kvtier.api import AdminServer
+
+            self.admin = AdminServer(self, self.config.admin.host, self.config.admin.port)
+        self.agent = None if self.config.cluster.controller_url is None else self._join_cluster()
+
+    def _join_cluster(self) -> Any:
+        """Report this engine's L1 and disk chunks to the cluster controller; serve them to peers
+        (`cluster.advertise`) and fetch from peers (`cluster.peer_fetch`) if configured."""
+        from kvtier.cluster import peer
+        from kvtier.cluster.agent import ClusterAgent
+        from kvtier.cluster.state import Registration
+
+        cfg = self.config.cluster
+        tiers = [t for t in self.chain.tiers if isinstance(t, (CPUTier, FileTier))]  # tiers of this instance only
+        address = ""
+        if cfg.advertise:
+            self.peer_server = peer.serve_peers(self)
+            address = f"{cfg.advertise.rpartition(':')[0]}:{self.peer_server.address[1]}"  # port 0: the bound one
+        if cfg.peer_fetch:
+            peer.add_peer_tier(self)
+        reg = Registration(
+            id=cfg.instance_id, model=self.model_id, namespace=self.hasher.namespace.hex(),
+            chunk_size=self.hasher.chunk_size, hash=self.hasher.hash_name, save_partial=self.hasher.save_partial,
+            heartbeat_s=cfg.heartbeat_ms / 1000, address=address,
+            admin_url="" if self.admin is None else self.admin.url,
+        )  # fmt: skip
+        return ClusterAgent(cfg, reg, tiers, self._heartbeat_stats)
+
+    def _heartbeat_stats(self) -> dict[str, float]:
+        """What the controller's dashboard shows of this engine: lookups, hits, tier usage."""
+        c = self.counters
+        out = {"lookup_tokens": float(c.lookup_tokens), "hit_tokens": float(c.lookup_hit_tokens)}
+        for tier in self.chain.tiers:
+            if isinstance(tier, (CPUTier, FileTier)):
+                out[f"{tier.name}_bytes"] = float(tier.stats.bytes)
+                out[f"{tier.name}_capacity"] = float(tier.capacity)
+        return out
 
     # --- keys --------------------------------------------------------------------------------------
 
@@ -95,12 +141,15 @@ class CacheEngine:
 
     def lookup(self, tokens: Any) -> int:
         """How many leading tokens of `tokens` are available in some tier."""
+        began = time.perf_counter()
         chunks = self.chunks(tokens)
         n = self.chain.lookup([c.key for c in chunks])
         hit = chunks[n - 1].end if n else 0
         self.counters.lookups += 1
         self.counters.lookup_tokens += len(tokens)
         self.counters.lookup_hit_tokens += hit
+        if self.observer is not None:
+            self.observer("lookup", time.perf_counter() - began)
         return hit
 
     def store(self, tokens: Any, kv: torch.Tensor, start: int = 0) -> int:
@@ -124,6 +173,7 @@ class CacheEngine:
 
         Chunks already in L1 are skipped without calling `gather`. Returns tokens newly stored.
         """
+        began = time.perf_counter()
         end = len(tokens) if end is None else end
         chunks = self.chunks(tokens if end == len(tokens) else tokens[:end], start)
         l1 = self.chain.l1
@@ -136,6 +186,9 @@ class CacheEngine:
             self.chain.store(chunk.key, kv)
             stored += chunk.num_tokens
         self.counters.stored_tokens += stored
+        self._prefill_done.set()  # a request stores after its prefill: deferred promotions may run
+        if self.observer is not None:
+            self.observer("store", time.perf_counter() - began)
         return stored
 
     def retrieve(self, tokens: Any, max_tokens: int | None = None) -> torch.Tensor:
@@ -173,6 +226,7 @@ class CacheEngine:
     def _deliver(
         self, chunks: list[Chunk], scatter: Scatter, max_tokens: int | None, start: int, staging: StagingBuffer | None
     ) -> int:
+        began = time.perf_counter()
         stop = len(chunks) if max_tokens is None else sum(1 for c in chunks if c.start < max_tokens)
         first = sum(1 for c in chunks[:stop] if c.end <= start)
         wanted = chunks[first:stop]
@@ -186,13 +240,22 @@ class CacheEngine:
                 scatter(lo, hi, kv)
                 delivered = hi
         self.counters.retrieved_tokens += delivered - start
+        if self.observer is not None:
+            self.observer("retrieve", time.perf_counter() - began)
         return delivered
 
     def _promote_later(self, keys: list[ChunkKey]) -> None:
-        """Copy chunks just read from lower tiers into L1, on the background thread."""
+        """Copy chunks just read from lower tiers into L1 on the background thread, once the request
+        that read them has stored its new chunks (the end of its prefill) or after a second."""
         if self.chain.l1 is None or self._closed:
             return
-        self._prefetcher.submit(self.chain.promote, keys).add_done_callback(_log_failure)
+        self._prefill_done.clear()
+
+        def promote() -> int:
+            self._prefill_done.wait(_PROMOTE_WAIT_S)
+            return self.chain.promote(keys)
+
+        self._prefetcher.submit(promote).add_done_callback(_log_failure)
 
     def prefetch(self, tokens: Any) -> Future[int]:
         """Start loading the cached prefix of `tokens` from lower tiers into L1; the future gives its length."""
@@ -212,6 +275,7 @@ class CacheEngine:
         False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         ok = self.chain.flush(timeout)
+        self._prefill_done.set()
         marker = self._prefetcher.submit(lambda: None)  # one worker: earlier jobs finish first
         try:
             marker.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
@@ -219,12 +283,28 @@ class CacheEngine:
             return False
         return ok
 
+    def clear(self) -> int:
+        """Remove every chunk this instance holds (L1 and disk; a shared remote tier is left alone);
+        return how many were removed. Chunks being read stay."""
+        self.flush()
+        removed = 0
+        for tier in self.chain.tiers:
+            if isinstance(tier, (CPUTier, FileTier)):
+                removed += sum(tier.delete(key) for key in tier.held_keys())
+        return removed
+
     def close(self) -> None:
         """Finish pending stores and release the tiers."""
         if self._closed:
             return
         self._closed = True
         self._prefetcher.shutdown(wait=True)
+        if self.agent is not None:
+            self.agent.close()
+        if self.admin is not None:
+            self.admin.close()
+        if self.peer_server is not None:
+            self.peer_server.stop()
         self.chain.close()
 
     def stats(self) -> dict[str, Any]:

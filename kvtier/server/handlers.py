@@ -143,11 +143,13 @@ class Handlers:
             loaded = await self._run(self.cache.get_disk, [keys[i] for i in missing])
             for i, obj in zip(missing, loaded, strict=True):
                 found[i] = obj
-        sizes = [-1 if obj is None else obj.nbytes for obj in found]
+        # an object is a uint8 tensor, or (from a peer's tiers) the buffers of one, sent back to back
+        parts = [None if obj is None else _buffers(obj) for obj in found]
+        sizes = [-1 if p is None else sum(b.nbytes for b in p) for p in parts]
         hits = len(keys) - sizes.count(-1)
         self.stats.hits += hits
         self.stats.misses += len(keys) - hits
-        body = [obj.numpy().data for obj in found if obj is not None]  # views of the stored bytes
+        body = [b for p in parts if p is not None for b in p]  # views of the stored bytes
         return _reply(Op.GET, GetReply(sizes), body)
 
     async def _exists(self, frame: Frame) -> Reply:
@@ -184,6 +186,10 @@ class Handlers:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _buffers(obj: Any) -> list[memoryview]:
+    return [memoryview(b).cast("B") for b in obj] if isinstance(obj, (list, tuple)) else [obj.numpy().data]
 
 
 def _reply(op: Op, meta: msgspec.Struct | Stats, body: list[memoryview] | None = None) -> Reply:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
@@ -10,6 +10,10 @@ import torch
 
 from kvtier.keys import ChunkKey
 from kvtier.storage.staging import StagingBuffer
+
+# Told of every key a tier starts holding (True) or stops holding (False): (tier name, admitted, key).
+# Tiers call it under their own lock, so it must be cheap and must never call back into a tier.
+TierListener = Callable[[str, bool, ChunkKey], None]
 
 
 @dataclass(slots=True)
@@ -24,6 +28,8 @@ class TierStats:
     corrupt: int = 0  # objects that failed validation and were deleted
     errors: int = 0  # I/O or backend errors, each degraded to a miss or a failed put
     unavailable: int = 0  # calls answered at once as a miss because the backend is marked down
+    bytes_read: int = 0  # bytes of KV returned by get() hits
+    bytes_written: int = 0  # bytes of KV accepted by put() (objects written)
     objects: int = 0  # gauge: objects held now
     bytes: int = 0  # gauge: bytes held now
 

@@ -37,6 +37,11 @@ class TierChain:
         self.writers = [AsyncWriter(tier, max_pending) for tier in self.lower]
         self._burst = BurstLog(log)
 
+    def add_reader(self, tier: Tier, position: int) -> None:
+        """Insert a read-only lower tier (stores never go to it) at `position` among the lower tiers."""
+        self.lower.insert(position, tier)
+        self.tiers = ([self.l1] if self.l1 is not None else []) + self.lower
+
     def locate(self, keys: Sequence[ChunkKey]) -> list[Segment]:
         """Split the longest available prefix of `keys` into runs held by one tier each."""
         segments: list[Segment] = []

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from kvtier.keys import ChunkKey
-from kvtier.storage.base import TierStats
+from kvtier.storage.base import TierListener, TierStats
 from kvtier.storage.policy import EvictionPolicy, make_policy
 
 log = logging.getLogger("kvtier.storage.cpu")
@@ -33,6 +33,7 @@ class CPUTier:
         self._data: dict[ChunkKey, torch.Tensor] = {}
         self._pins: dict[ChunkKey, int] = {}
         self._lock = threading.RLock()
+        self.listener: TierListener | None = None  # told of keys admitted and removed (cluster events)
 
     def contains(self, key: ChunkKey) -> bool:
         return key in self._data
@@ -52,6 +53,7 @@ class CPUTier:
                 return None
             self._policy.touch(key)
             self.stats.hits += 1
+            self.stats.bytes_read += kv.nbytes
             return kv
 
     def put(self, key: ChunkKey, kv: torch.Tensor) -> bool:
@@ -68,6 +70,9 @@ class CPUTier:
             self.stats.bytes += nbytes
             self.stats.objects += 1
             self.stats.puts += 1
+            self.stats.bytes_written += nbytes
+            if self.listener is not None:
+                self.listener(self.name, True, key)
             return True
 
     def _make_room(self, nbytes: int) -> bool:
@@ -87,6 +92,8 @@ class CPUTier:
         self._policy.remove(key)
         self.stats.bytes -= kv.nbytes
         self.stats.objects -= 1
+        if self.listener is not None:
+            self.listener(self.name, False, key)
 
     def delete(self, key: ChunkKey) -> bool:
         with self._lock:
@@ -112,6 +119,25 @@ class CPUTier:
                         self._pins[key] = count
                     else:
                         del self._pins[key]
+
+    def pin(self, keys: Iterable[ChunkKey]) -> None:
+        """Keep `keys` from eviction until unpin() (counted: two pins need two unpins)."""
+        with self._lock:
+            for key in keys:
+                self._pins[key] = self._pins.get(key, 0) + 1
+
+    def unpin(self, keys: Iterable[ChunkKey]) -> int:
+        """Undo one pin() of each of `keys`; how many were pinned."""
+        done = 0
+        with self._lock:
+            for key in keys:
+                count = self._pins.get(key, 0)
+                if count > 1:
+                    self._pins[key] = count - 1
+                elif count == 1:
+                    del self._pins[key]
+                done += count > 0
+        return done
 
     def held_keys(self) -> list[ChunkKey]:
         """A snapshot of the keys held."""

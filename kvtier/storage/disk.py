@@ -39,7 +39,7 @@ from kvtier.errors import CodecError, ConfigError, CorruptObjectError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.logutil import BurstLog
-from kvtier.storage.base import TierStats
+from kvtier.storage.base import TierListener, TierStats
 from kvtier.storage.files import object_path, parse_name, unlink_if_present, write_atomic
 from kvtier.storage.policy import EvictionPolicy, make_policy
 from kvtier.storage.staging import StagingBuffer
@@ -75,6 +75,7 @@ class FileTier:
         self._reserved = 0
         self._lock = threading.RLock()
         self._burst = BurstLog(log)
+        self.listener: TierListener | None = None  # told of keys indexed and unindexed (cluster events)
         _ensure_writable(self.root)
         self._scan()
 
@@ -114,6 +115,8 @@ class FileTier:
         self._policy.insert(key)
         self.stats.bytes += size
         self.stats.objects += 1
+        if self.listener is not None:
+            self.listener(self.name, True, key)
 
     def _unindex(self, key: ChunkKey) -> None:
         size = self._sizes.pop(key, None)
@@ -121,6 +124,8 @@ class FileTier:
             self._policy.remove(key)
             self.stats.bytes -= size
             self.stats.objects -= 1
+            if self.listener is not None:
+                self.listener(self.name, False, key)
 
     def _make_room(self, nbytes: int) -> bool:
         """Evict until `nbytes` more fit in the budget (under the lock)."""
@@ -189,6 +194,7 @@ class FileTier:
             elif self._make_room(size):
                 self._index(key, size)
         self.stats.hits += 1
+        self.stats.bytes_read += kv.nbytes
         return kv
 
     def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> tuple[torch.Tensor, int]:
@@ -233,6 +239,7 @@ class FileTier:
             if key not in self._sizes:
                 self._index(key, size)
             self.stats.puts += 1
+            self.stats.bytes_written += kv.nbytes
         return True
 
     def _write(self, path: Path, buffers: list[memoryview]) -> None:

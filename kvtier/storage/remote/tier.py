@@ -136,6 +136,7 @@ class RemoteTier:
         ok = self._call("put", put, False)
         if ok:
             self.stats.puts += 1
+            self.stats.bytes_written += kv.nbytes
         else:
             self.stats.put_failures += 1
         return bool(ok)
@@ -188,6 +189,7 @@ class RemoteTier:
             self._call("delete", lambda: self.store.delete(key, self.options.timeout), False)
             return None
         self.stats.hits += 1
+        self.stats.bytes_read += kv.nbytes
         return kv
 
     def _remote_key(self, key: ChunkKey) -> ChunkKey:

@@ -1,0 +1,138 @@
+"""The per-instance admin HTTP API: health, effective config, cache stats, clear, Prometheus /metrics.
+
+It runs in a daemon thread of the serving process (uvicorn), enabled by `admin.port`; the
+convention is port 9100 + rank. With `KVTIER_ADMIN_TOKEN` set, every route but /health and
+/metrics needs `Authorization: Bearer <token>`. FastAPI, uvicorn and prometheus-client are
+imported only when the API is started.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
+import hmac
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvtier.engine import CacheEngine
+
+log = logging.getLogger("kvtier.api")
+TOKEN_ENV = "KVTIER_ADMIN_TOKEN"  # bearer token of the admin API (not a config key: never printed)
+OPEN_PATHS = ("/health", "/metrics")  # routes that need no token (probes and scrapers)
+
+
+def create_admin_app(engine: "CacheEngine", token: str = "") -> Any:
+    """The FastAPI application of one instance's admin API."""
+    from fastapi import Depends, FastAPI, HTTPException, Request
+
+    def check(request: Request) -> None:
+        if token and request.url.path not in OPEN_PATHS:
+            sent = request.headers.get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+                raise HTTPException(401, "missing or wrong bearer token")
+
+    app = FastAPI(title="kvtier instance", docs_url=None, redoc_url=None, dependencies=[Depends(check)])
+    _read_routes(app, engine)
+    _cache_routes(app, engine)
+    return app
+
+
+def _read_routes(app: Any, engine: "CacheEngine") -> None:
+    """health, config, stats, metrics."""
+    from fastapi.responses import Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from kvtier.metrics import engine_registry
+
+    registry = engine_registry(engine)
+    started = time.monotonic()
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        agent = engine.agent
+        cluster = None if agent is None else {"registered": agent.registered, "synced": agent.synced}
+        return {"status": "ok", "model": engine.model_id, "uptime_s": round(time.monotonic() - started, 1),
+                "cluster": cluster}  # fmt: skip
+
+    @app.get("/config")
+    def config() -> dict[str, Any]:
+        return {**engine.config.to_dict(), "namespace": engine.hasher.namespace.hex()}
+
+    @app.get("/stats")
+    def stats() -> dict[str, Any]:
+        return engine.stats()
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _cache_routes(app: Any, engine: "CacheEngine") -> None:
+    """clear, pin, unpin, fetch (a move's destination side)."""
+    from fastapi import HTTPException
+
+    @app.post("/clear")
+    def clear() -> dict[str, Any]:
+        return {"removed": engine.clear()}
+
+    @app.post("/pin")
+    def pin(body: dict[str, Any]) -> dict[str, Any]:
+        keys = _keys(body)
+        if engine.chain.l1 is None:
+            raise HTTPException(409, "this instance has no L1 to pin chunks in")
+        engine.chain.l1.pin(keys)
+        return {"keys": len(keys)}
+
+    @app.post("/unpin")
+    def unpin(body: dict[str, Any]) -> dict[str, Any]:
+        return {"keys": 0 if engine.chain.l1 is None else engine.chain.l1.unpin(_keys(body))}
+
+    @app.post("/fetch")
+    def fetch(body: dict[str, Any]) -> dict[str, Any]:
+        from kvtier.cluster.peer import fetch_from
+
+        address = body.get("address")
+        if not isinstance(address, str) or ":" not in address:
+            raise HTTPException(400, "expected {address: host:port, namespace, hashes}")
+        return {"stored": fetch_from(engine, address, _keys(body))}
+
+
+def _keys(body: dict[str, Any]) -> list[Any]:
+    """The chunk keys of a {"namespace": hex, "hashes": [digest hex]} body; ValueError if malformed."""
+    from fastapi import HTTPException
+
+    from kvtier.keys import ChunkKey
+
+    try:
+        namespace = bytes.fromhex(body["namespace"])
+        keys = [ChunkKey(namespace, bytes.fromhex(h)) for h in body["hashes"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HTTPException(400, f"expected {{namespace, hashes}}: {exc!r}") from None
+    if any(len(k.namespace) != 16 or len(k.digest) != 16 for k in keys):
+        raise HTTPException(400, "namespace and hashes are 16 bytes (32 hex digits) each")
+    return keys
+
+
+class AdminServer:
+    """The admin API served by uvicorn on a daemon thread."""
+
+    def __init__(self, engine: "CacheEngine", host: str, port: int) -> None:
+        import uvicorn
+
+        app = create_admin_app(engine, os.environ.get(TOKEN_ENV, ""))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+        self.url = f"http://{host}:{port}"
+        self._thread = threading.Thread(target=self.server.run, name="kvtier-admin", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self.server.started:
+            raise OSError(f"admin API could not listen on {host}:{port} (see the log)")
+        log.info("admin API on %s", self.url)
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.should_exit = True
+        self._thread.join(5)

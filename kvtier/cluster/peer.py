@@ -1,0 +1,218 @@
+"""P2P: an instance serves its own L1 and disk chunks to peers, and fetches chunks it lacks from them.
+
+Serving: `PeerObjects` makes an engine's tiers look like the kvtier server's ObjectCache, read-only,
+so the kvtier server (protocol, limits, auth: docs/protocol.md) runs unchanged over them at
+`cluster.advertise`. An L1 chunk is framed on the fly (header + payload, with its checksum); a disk
+chunk is sent as the file's bytes.
+
+Fetching: `PeerStore` is an ObjectStore for RemoteTier. `exists` asks the controller which live
+instance (other than this one) holds the longest prefix of the keys and remembers it; `get` fetches
+them from that peer with the kvtier client. RemoteTier frames nothing new but validates every object
+(key, layout, checksum), enforces the deadlines and opens its breaker after a failure, so a dead or
+slow peer costs one deadline, then the chain falls back to other tiers or to recompute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kvtier.codec import Codec
+from kvtier.codec.framing import encode_object
+from kvtier.keys import ChunkKey
+from kvtier.layout import KVLayout
+from kvtier.storage.cpu import CPUTier
+from kvtier.storage.disk import FileTier
+from kvtier.storage.remote.store import Buffer, StoreOptions
+
+log = logging.getLogger("kvtier.cluster.peer")
+
+
+class PeerObjects:
+    """An engine's L1 and disk tier as a read-only ObjectCache of framed objects (for KVServer)."""
+
+    def __init__(self, l1: CPUTier | None, disk: FileTier | None, layout: KVLayout, codec: Codec) -> None:
+        self.l1, self.disk, self.layout, self.codec = l1, disk, layout, codec
+
+    def get_memory(self, key: ChunkKey) -> list[Any] | None:
+        """L1's chunk framed: [header, payload], the payload a view of the L1 tensor (no copy)."""
+        kv = None if self.l1 is None else self.l1.get(key)
+        if kv is None:
+            return None
+        header, payload = encode_object(key, self.layout, self.codec, kv)
+        return [header, payload]
+
+    def get_disk(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
+        """The disk files of `keys` as they are (the fetching peer validates them); blocking."""
+        return [self._read_file(key) for key in keys]
+
+    def _read_file(self, key: ChunkKey) -> torch.Tensor | None:
+        if self.disk is None:
+            return None
+        try:
+            with open(self.disk.path(key), "rb", buffering=0) as f:
+                data = bytearray(f.read())
+        except OSError:
+            return None  # evicted meanwhile, or never there
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+    def in_memory(self, key: ChunkKey) -> bool:
+        return self.l1 is not None and self.l1.contains(key)
+
+    def on_disk(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        return [self.disk is not None and self.disk.contains(key) for key in keys]
+
+    @property
+    def has_disk(self) -> bool:
+        return self.disk is not None
+
+    def put(self, key: ChunkKey, data: memoryview) -> tuple[bool, bool]:
+        """Peers never accept writes (the server answers NO_SPACE)."""
+        return False, False
+
+    def delete(self, key: ChunkKey) -> bool:
+        return False
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        out = {} if self.l1 is None else {"memory": self.l1.stats.as_dict()}
+        return out | ({} if self.disk is None else {"disk": self.disk.stats.as_dict()})
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass  # the engine owns and closes its tiers
+
+
+class PeerStore:
+    """An ObjectStore over the peers the controller points to (read-only)."""
+
+    scheme = "peer"
+
+    def __init__(self, controller_url: str, self_id: str, token: str = "", options: StoreOptions | None = None) -> None:
+        self.where = f"peers via {controller_url}"
+        self._url = controller_url.rstrip("/") + "/lookup"
+        self._self_id = self_id
+        self._token = token
+        self._options = options or StoreOptions()
+        self.server_token = ""  # the token peers' kvtier servers expect ($KVTIER_SERVER_TOKEN)
+        self._routes: dict[ChunkKey, str] = {}  # key -> peer address, from the last lookups
+        self._clients: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def exists(self, keys: Sequence[ChunkKey], timeout: float) -> list[bool]:
+        """The longest prefix of `keys` one live peer holds, by the controller's index."""
+        if not keys:
+            return []
+        body = {"namespace": keys[0].namespace.hex(), "hashes": [k.digest.hex() for k in keys]}
+        headers = {"Content-Type": "application/json"} | (
+            {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        )
+        request = urllib.request.Request(self._url, json.dumps(body).encode(), headers, method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.loads(response.read())
+        peer = next((e for e in answer["instances"] if e["id"] != self._self_id and e["address"]), None)
+        n = 0 if peer is None else peer["chunks"]
+        with self._lock:
+            if len(self._routes) > 65536:
+                self._routes.clear()  # routes are hints for the get that follows a lookup
+            for key in keys[:n]:
+                self._routes[key] = peer["address"] if peer else ""
+        return [True] * n + [False] * (len(keys) - n)
+
+    def get(self, keys: Sequence[ChunkKey], timeout: float) -> list[Buffer | None]:
+        """Fetch `keys` from the peer the last lookup chose (None for keys without a route)."""
+        with self._lock:
+            address = self._routes.get(keys[0], "") if keys else ""
+        if not address:
+            return [None] * len(keys)
+        return self._client(address).get(keys, timeout)
+
+    def _client(self, address: str) -> Any:
+        from kvtier.server.client import KVTierClient
+
+        with self._lock:
+            client = self._clients.get(address)
+            if client is None:
+                host, _, port = address.rpartition(":")
+                client = self._clients[address] = KVTierClient(
+                    host.strip("[]"), int(port), self.server_token, self._options
+                )
+            return client
+
+    def put(self, key: ChunkKey, parts: Sequence[Buffer], timeout: float) -> None:
+        raise NotImplementedError("peers are read-only")  # never called: the chain has no writer for it
+
+    def delete(self, key: ChunkKey, timeout: float) -> bool:
+        return False
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+
+def serve_peers(engine: Any) -> Any:
+    """Start a kvtier server over the engine's L1 and disk tier at `cluster.advertise`; the ServerThread."""
+    from kvtier.codec import get_codec
+    from kvtier.server.client import TOKEN_ENV
+    from kvtier.server.config import ServerConfig
+    from kvtier.server.server import ServerThread
+
+    host, _, port = engine.config.cluster.advertise.rpartition(":")
+    chain = engine.chain
+    disk = next((t for t in chain.lower if isinstance(t, FileTier)), None)
+    objects = PeerObjects(chain.l1, disk, engine.layout, get_codec(engine.config.codec))
+    config = ServerConfig(host=host.strip("[]"), port=int(port), token=os.environ.get(TOKEN_ENV, ""))
+    thread = ServerThread(config, objects).start()  # type: ignore[arg-type]  # duck-typed ObjectCache
+    log.info("serving chunks to peers on %s", thread.url)
+    return thread
+
+
+def add_peer_tier(engine: Any) -> None:
+    """Add a read-only "peer" tier to the engine's chain, after its disk tier and before a remote one."""
+    from kvtier.cluster.app import TOKEN_ENV as CONTROLLER_TOKEN_ENV
+    from kvtier.codec import get_codec
+    from kvtier.server.client import TOKEN_ENV
+    from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
+
+    cfg = engine.config.cluster
+    store = PeerStore(cfg.controller_url, cfg.instance_id, os.environ.get(CONTROLLER_TOKEN_ENV, ""))
+    store.server_token = os.environ.get(TOKEN_ENV, "")
+    options = RemoteOptions(lookup_timeout=cfg.peer_lookup_timeout_ms / 1e3, timeout=cfg.peer_timeout_ms / 1e3)
+    tier = RemoteTier(store, engine.layout, get_codec(engine.config.codec), options,
+                      engine_codec=engine.config.codec, name="peer")  # fmt: skip
+    position = sum(1 for t in engine.chain.lower if isinstance(t, FileTier))
+    engine.chain.add_reader(tier, position)
+
+
+def fetch_from(engine: Any, address: str, keys: Sequence[ChunkKey]) -> int:
+    """Copy the leading `keys` a peer at `address` holds into this engine (L1 now, lower tiers
+    asynchronously), validated like every peer fetch; how many were stored."""
+    from kvtier.codec import get_codec
+    from kvtier.server.client import TOKEN_ENV, KVTierClient
+    from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
+
+    host, _, port = address.rpartition(":")
+    timeout = engine.config.cluster.peer_timeout_ms / 1e3
+    client = KVTierClient(host.strip("[]"), int(port), os.environ.get(TOKEN_ENV, ""))
+    tier = RemoteTier(client, engine.layout, get_codec(engine.config.codec), RemoteOptions(timeout=timeout),
+                      engine_codec=engine.config.codec, name="move")  # fmt: skip
+    stored = 0
+    try:
+        for key, kv in zip(keys, tier.get_many(keys), strict=True):
+            if kv is None:
+                break
+            engine.chain.store(key, kv)
+            stored += 1
+    finally:
+        tier.close()
+    return stored
