@@ -94,7 +94,7 @@ def test_restart_hits_the_disk_and_promotes(tmp_path):
         assert second.stats()["l2"]["hits"] == 4
 
 
-def test_retrieve_into_reads_the_disk_through_one_reused_buffer_then_promotes(tmp_path):
+def test_retrieve_into_reads_the_disk_through_reused_buffers_then_promotes(tmp_path):
     kv = random_kv(LAYOUT, 64)
     with engine(tmp_path) as first:
         first.store(tokens(64), kv)
@@ -113,6 +113,23 @@ def test_retrieve_into_reads_the_disk_through_one_reused_buffer_then_promotes(tm
         buffers.clear()
         assert second.retrieve_into(tokens(64), scatter) == 64
         assert len(buffers) == 4 and second.stats()["l2"]["hits"] == 8  # now the L1 chunks themselves
+
+
+def test_a_failing_scatter_leaves_no_read_running_into_the_buffers(tmp_path):
+    kv = random_kv(LAYOUT, 64)
+    with engine(tmp_path) as first:
+        first.store(tokens(64), kv)
+    with engine(tmp_path) as second:
+
+        def failing(lo, hi, part):
+            if lo == 16:
+                raise RuntimeError("engine memory gone")
+
+        with pytest.raises(RuntimeError, match="engine memory gone"):
+            second.retrieve_into(tokens(64), failing)
+        out = LAYOUT.empty(64)
+        assert second.retrieve_into(tokens(64), lambda lo, hi, part: out[:, :, lo:hi].copy_(part)) == 64
+        assert torch.equal(out, kv)
 
 
 def test_retrieve_into_stops_at_a_corrupt_disk_chunk_and_deletes_it(tmp_path):
