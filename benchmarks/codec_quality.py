@@ -206,7 +206,8 @@ def main() -> None:
     speeds = {spec: speed(spec, chunk, args.repeat) for spec in tqdm(specs, desc="speed", unit="codec")}
     summary = {s: metrics(q, quality.get("raw"), speeds[s], chunk.nbytes) for s, q in quality.items()}
     headers = ["codec", "vs bf16", "ppl", "ppl +", "agreement", "same run", "enc GB/s", "dec GB/s", "beats raw below"]
-    rounded = {s: {k: round(v, 4) for k, v in m.items()} for s, m in summary.items()}
+    # JSON has no NaN or Infinity: what has no value (raw's break-even bandwidth) becomes null
+    rounded = {s: {k: round(v, 4) if math.isfinite(v) else None for k, v in m.items()} for s, m in summary.items()}
     rows = [row(s, m) for s, m in summary.items()]
     report("codec_quality", headers, rows, {"passages": len(passages), "codecs": rounded, **targets(summary)})
 
