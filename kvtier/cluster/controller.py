@@ -6,9 +6,8 @@ import argparse
 import gc
 import ipaddress
 import logging
-import os
-from pathlib import Path
 
+from kvtier.auth import read_token
 from kvtier.cluster.app import TOKEN_ENV, ControllerConfig, create_app
 from kvtier.logutil import setup_logging
 from kvtier.units import parse_size
@@ -31,11 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     """A ControllerConfig from parsed options; ValueError (or OSError) for a bad value."""
-    token = os.environ.get(TOKEN_ENV, "")
-    if args.token_file:
-        token = Path(args.token_file).expanduser().read_text().strip()
-        if not token:
-            raise ValueError(f"--token-file {args.token_file} is empty")
+    token = read_token(TOKEN_ENV, args.token_file)
     return ControllerConfig(
         host=args.host, port=args.port, missed_beats=args.missed_beats, max_body=parse_size(args.max_body),
         token=token,

@@ -6,10 +6,9 @@ import argparse
 import asyncio
 import functools
 import logging
-import os
 import signal
-from pathlib import Path
 
+from kvtier.auth import read_token
 from kvtier.logutil import setup_logging
 from kvtier.server.client import TOKEN_ENV
 from kvtier.server.config import ServerConfig
@@ -40,11 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """A ServerConfig from parsed `kvtier server` options; ValueError for a bad value."""
-    token = os.environ.get(TOKEN_ENV, "")
-    if args.token_file:
-        token = Path(args.token_file).expanduser().read_text().strip()
-        if not token:
-            raise ValueError(f"--token-file {args.token_file} is empty")
+    token = read_token(TOKEN_ENV, args.token_file)
     return ServerConfig(
         host=args.host, port=args.port, memory=parse_size(args.memory), disk_path=args.disk_path,
         disk_size=parse_size(args.disk_size), policy=args.policy, token=token,
