@@ -104,15 +104,9 @@ class TierChain:
             out.append(kv)
         return out
 
-    def _get_staged(
-        self, tier: StagedReader, keys: Sequence[ChunkKey], staging: StagingBuffer
-    ) -> Iterator[torch.Tensor]:
+    def _get_staged(self, tier: Tier, keys: Sequence[ChunkKey], staging: StagingBuffer) -> Iterator[torch.Tensor]:
         for key in keys:
-            try:
-                kv = tier.get_into(key, staging)
-            except Exception as exc:  # a broken tier degrades to a miss; the request goes on
-                self._failed(tier, "get", exc)
-                return
+            kv = self._get(tier, key, staging)
             if kv is None:
                 return
             staging.read_keys.append(key)
@@ -159,8 +153,10 @@ class TierChain:
             self._failed(tier, "lookup", exc)
             return 0
 
-    def _get(self, tier: Tier, key: ChunkKey) -> torch.Tensor | None:
+    def _get(self, tier: Tier, key: ChunkKey, staging: StagingBuffer | None = None) -> torch.Tensor | None:
         try:
+            if staging is not None and isinstance(tier, StagedReader):
+                return tier.get_into(key, staging)
             return tier.get(key)
         except Exception as exc:  # a broken tier degrades to a miss; the request goes on
             self._failed(tier, "get", exc)

@@ -34,10 +34,6 @@ class StagingBuffer:
             self._buf = torch.empty(nbytes, dtype=torch.uint8)
         return self._buf[:nbytes]
 
-    @property
-    def capacity(self) -> int:
-        return self._buf.numel()
-
 
 class StagingPool:
     """Staging buffers for concurrent retrieves: one per retrieve in flight, kept for reuse."""
