@@ -7,6 +7,7 @@ import torch
 
 from kvtier import CacheEngine, Config, KVLayout
 from kvtier.errors import ConfigError, LayoutError, TokenError
+from kvtier.storage import mapped
 from tests.conftest import random_kv
 
 LAYOUT = KVLayout(3, 2, 8, torch.bfloat16)
@@ -94,7 +95,11 @@ def test_restart_hits_the_disk_and_promotes(tmp_path):
         assert second.stats()["l2"]["hits"] == 4
 
 
-def test_retrieve_into_reads_the_disk_through_reused_buffers_then_promotes(tmp_path):
+@pytest.mark.parametrize("mapped_reads", [False, True])
+def test_retrieve_into_reads_the_disk_through_reused_buffers_then_promotes(tmp_path, monkeypatch, mapped_reads):
+    if mapped_reads and not mapped._CACHESTAT.available:
+        pytest.skip("cachestat(2) needs Linux 6.5+")
+    monkeypatch.setattr(mapped._CACHESTAT, "available", mapped_reads)
     kv = random_kv(LAYOUT, 64)
     with engine(tmp_path) as first:
         first.store(tokens(64), kv)
@@ -107,7 +112,9 @@ def test_retrieve_into_reads_the_disk_through_reused_buffers_then_promotes(tmp_p
 
         assert second.retrieve_into(tokens(64), scatter) == 64
         assert torch.equal(out, kv)
-        assert len(buffers) == 1  # four chunks, one staging buffer: no fresh memory per chunk
+        if not mapped_reads:
+            assert len(buffers) == 1  # four chunks, one staging buffer: no fresh memory per chunk
+        assert second.chain.l1.stats.objects == 0  # promotion waits for the request to end
         assert second.flush(timeout=10)
         assert second.chain.l1.stats.objects == 4  # promoted in the background
         buffers.clear()

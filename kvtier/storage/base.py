@@ -86,7 +86,8 @@ class StagedReader(Protocol):
     """A tier that can read a chunk into a caller's reusable buffer instead of fresh memory."""
 
     def get_into(self, key: ChunkKey, staging: StagingBuffer) -> torch.Tensor | None:
-        """Like get(), but the tensor may live in `staging` (valid until its next take())."""
+        """Like get(), but the tensor may live in `staging` or in the tier's own storage (a mapped
+        file): read it at once; it is valid until the next read through `staging`."""
         ...
 
 

@@ -31,6 +31,7 @@ from kvtier.codec.framing import (
     HEADER_SIZE,
     check_digest,
     check_header,
+    check_payload,
     encode_object,
     parse_header,
     payload_hasher,
@@ -41,6 +42,7 @@ from kvtier.layout import KVLayout
 from kvtier.logutil import BurstLog
 from kvtier.storage.base import TierListener, TierStats
 from kvtier.storage.files import object_path, parse_name, unlink_if_present, write_atomic
+from kvtier.storage.mapped import map_if_cached
 from kvtier.storage.policy import EvictionPolicy, make_policy
 from kvtier.storage.staging import StagingBuffer
 
@@ -275,7 +277,14 @@ class FileTier:
 
 
 class DiskTier(FileTier):
-    """Canonical chunk tensors, framed with `layout` and `codec`, in files under `root`."""
+    """Canonical chunk tensors, framed with `layout` and `codec`, in files under `root`.
+
+    A file whose pages are all in the page cache is read in place (mapped.py): the tensor `get`
+    returns is then a private view of the file's pages, valid as long as it is referenced, but
+    holding a file descriptor and the file's pages: copy what you keep (`lends_views`).
+    """
+
+    lends_views = True
 
     def __init__(
         self,
@@ -297,9 +306,12 @@ class DiskTier(FileTier):
 
     def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> tuple[torch.Tensor, int]:
         with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            mapped = map_if_cached(f.fileno(), size)
+            if mapped is not None:
+                return self._decode_mapped(mapped, key), size
             header = parse_header(f.read(HEADER_SIZE))
             check_header(header, key, self.layout, self.codec)
-            size = os.fstat(f.fileno()).st_size
             if size != HEADER_SIZE + header.payload_len:
                 raise CorruptObjectError(f"file is {size} bytes, header says {HEADER_SIZE + header.payload_len}")
             if staging is None:
@@ -310,6 +322,14 @@ class DiskTier(FileTier):
             digest = _read_hashed(f, view)
         check_digest(header, digest)
         return self.codec.decode(view, header.shape, header.dtype, header.params), size
+
+    def _decode_mapped(self, data: memoryview, key: ChunkKey) -> torch.Tensor:
+        """Validate a whole object mapped from its file and decode it (raw: a view of the mapping)."""
+        header = parse_header(data)
+        check_header(header, key, self.layout, self.codec)
+        payload = data[HEADER_SIZE:]
+        check_payload(header, payload)
+        return self.codec.decode(payload, header.shape, header.dtype, header.params)
 
 
 class ObjectDiskTier(FileTier):

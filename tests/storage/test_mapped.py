@@ -1,0 +1,115 @@
+"""Zero-copy staged reads of cached disk files: what they return, when they fall back to read()."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kvtier.storage import mapped
+from kvtier.storage.staging import StagingBuffer
+from tests.conftest import SMALL, key, random_kv
+
+needs_cachestat = pytest.mark.skipif(not mapped._CACHESTAT.available, reason="cachestat(2) needs Linux 6.5+")
+
+
+def _evict(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _map(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return mapped.map_if_cached(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+@needs_cachestat
+def test_cached_file_is_mapped_copy_on_write(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 64)
+    view = _map(path)
+    assert view is not None and bytes(view) == path.read_bytes()
+    view[0] = 255  # private mapping: the file keeps its bytes
+    assert path.read_bytes()[0] == 0
+    del view  # unmapped: its pages can leave the page cache
+    _evict(path)
+    assert _map(path) is None  # pages not all cached: the caller must read()
+
+
+def test_empty_file_is_not_mapped(tmp_path):
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    assert _map(path) is None
+
+
+@needs_cachestat
+def test_staged_disk_read_of_a_cached_file_is_a_view_of_the_file(make_disk):
+    disk = make_disk(1 << 30)
+    kv = random_kv(SMALL, 4, seed=1)
+    disk.put(key(0), kv)
+    staging = StagingBuffer()
+    got = disk.get_into(key(0), staging)
+    assert torch.equal(got, kv)
+    assert staging.take(0).numel() == 0  # the staging buffer was not even allocated
+    got.fill_(0)  # the caller may write into what it got: the stored object stays intact
+    assert torch.equal(disk.get(key(0)), kv)
+    disk.check()
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_corrupt_byte_in_a_staged_read_is_a_miss_and_deleted(make_disk, monkeypatch, cached):
+    if cached and not mapped._CACHESTAT.available:
+        pytest.skip("cachestat(2) needs Linux 6.5+")
+    monkeypatch.setattr(mapped._CACHESTAT, "available", cached and mapped._CACHESTAT.available)
+    disk = make_disk(1 << 30)
+    disk.put(key(0), random_kv(SMALL, 4, seed=1))
+    disk.put(key(1), random_kv(SMALL, 4, seed=2))
+    path = disk.path(key(0))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert disk.get_into(key(0), StagingBuffer()) is None
+    assert disk.stats.corrupt == 1 and not path.exists() and not disk.contains(key(0))
+    assert torch.equal(disk.get_into(key(1), StagingBuffer()), random_kv(SMALL, 4, seed=2))  # others intact
+    disk.check()
+
+
+def test_read_falls_back_when_the_kernel_cannot_say(make_disk, monkeypatch):
+    monkeypatch.setattr(mapped._CACHESTAT, "available", False)
+    disk = make_disk(1 << 30)
+    kv = random_kv(SMALL, 4, seed=3)
+    disk.put(key(0), kv)
+    staging = StagingBuffer()
+    got = disk.get_into(key(0), staging)
+    assert torch.equal(got, kv)
+    assert got.untyped_storage().data_ptr() == staging.take(0).untyped_storage().data_ptr()
+
+
+@needs_cachestat
+@pytest.mark.parametrize("with_l1", [True, False])
+def test_chain_keeps_copies_not_mapped_files(make_cpu, make_disk, with_l1):
+    """What the chain promotes or hands out owns its memory: holding 40 chunks holds no files open."""
+    from kvtier.storage.chain import TierChain
+
+    disk = make_disk(1 << 30)
+    chunks = [random_kv(SMALL, 4, seed=i) for i in range(40)]
+    for i, kv in enumerate(chunks):
+        disk.put(key(i), kv)
+    chain = TierChain(make_cpu(1 << 30) if with_l1 else None, [disk])
+    fds = len(os.listdir("/proc/self/fd"))
+    with chain.fetch([key(i) for i in range(40)]) as tensors:
+        kept = list(tensors)
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2
+    assert all(torch.equal(a, b) for a, b in zip(kept, chunks, strict=True))
+    held = disk.get(key(0))  # the tier's own read is a view that holds its file open until dropped
+    assert len(os.listdir("/proc/self/fd")) == fds + 1
+    del held
+    chain.close()
