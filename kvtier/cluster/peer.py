@@ -8,8 +8,10 @@ chunk is sent as the file's bytes.
 Fetching: `PeerStore` is an ObjectStore for RemoteTier. `exists` asks the controller which live
 instance (other than this one) holds the longest prefix of the keys and remembers it; `get` fetches
 them from that peer with the kvtier client. RemoteTier frames nothing new but validates every object
-(key, layout, checksum), enforces the deadlines and opens its breaker after a failure, so a dead or
-slow peer costs one deadline, then the chain falls back to other tiers or to recompute.
+(key, layout, checksum) and enforces the deadlines. Each peer has its own circuit breaker: a dead or
+slow peer costs one deadline, then it is skipped (its back-off doubling per failed trial) and the
+next lookup picks the best of the other peers, while the chain falls back to other tiers or to
+recompute. A failing controller, on the other hand, pauses the whole peer tier (RemoteTier's breaker).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import json
 import logging
 import os
 import threading
+import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +33,8 @@ from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.storage.cpu import CPUTier
 from kvtier.storage.disk import FileTier
-from kvtier.storage.remote.store import Buffer, StoreOptions
+from kvtier.storage.remote.breaker import Breaker
+from kvtier.storage.remote.store import Buffer, MemberDown, StoreOptions
 
 log = logging.getLogger("kvtier.cluster.peer")
 
@@ -96,7 +100,15 @@ class PeerStore:
 
     scheme = "peer"
 
-    def __init__(self, controller_url: str, self_id: str, token: str = "", options: StoreOptions | None = None) -> None:
+    def __init__(
+        self,
+        controller_url: str,
+        self_id: str,
+        token: str = "",
+        options: StoreOptions | None = None,
+        backoff: tuple[float, float] = (0.25, 10.0),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.where = f"peers via {controller_url}"
         self._url = controller_url.rstrip("/") + "/lookup"
         self._self_id = self_id
@@ -105,6 +117,9 @@ class PeerStore:
         self.server_token = ""  # the token peers' kvtier servers expect ($KVTIER_SERVER_TOKEN)
         self._routes: dict[ChunkKey, str] = {}  # key -> peer address, from the last lookups
         self._clients: dict[str, Any] = {}
+        self._breakers: dict[str, Breaker] = {}  # peer address -> its own back-off
+        self._backoff = backoff
+        self._clock = clock
         self._lock = threading.Lock()
 
     def exists(self, keys: Sequence[ChunkKey], timeout: float) -> list[bool]:
@@ -118,7 +133,8 @@ class PeerStore:
         request = urllib.request.Request(self._url, json.dumps(body).encode(), headers, method="POST")
         with urllib.request.urlopen(request, timeout=timeout) as response:
             answer = json.loads(response.read())
-        peer = next((e for e in answer["instances"] if e["id"] != self._self_id and e["address"]), None)
+        peer = next((e for e in answer["instances"] if e["id"] != self._self_id and e["address"]
+                     and self._breaker(e["address"]).allow()), None)  # fmt: skip  # best first
         n = 0 if peer is None else peer["chunks"]
         with self._lock:
             if len(self._routes) > 65536:
@@ -131,9 +147,23 @@ class PeerStore:
         """Fetch `keys` from the peer the last lookup chose (None for keys without a route)."""
         with self._lock:
             address = self._routes.get(keys[0], "") if keys else ""
-        if not address:
+        breaker = self._breaker(address) if address else None
+        if breaker is None or not breaker.allow():
             return [None] * len(keys)
-        return self._client(address).get(keys, timeout)
+        try:
+            got = self._client(address).get(keys, timeout)
+        except Exception as exc:
+            pause = breaker.failure()
+            raise MemberDown(f"peer {address}: {type(exc).__name__}: {exc}; skipping it for {pause:.2f} s") from exc
+        breaker.success()
+        return got
+
+    def _breaker(self, address: str) -> Breaker:
+        with self._lock:
+            breaker = self._breakers.get(address)
+            if breaker is None:
+                breaker = self._breakers[address] = Breaker(*self._backoff, self._clock)
+            return breaker
 
     def _client(self, address: str) -> Any:
         from kvtier.server.client import KVTierClient
@@ -185,9 +215,10 @@ def add_peer_tier(engine: Any) -> None:
     from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
 
     cfg = engine.config.cluster
-    store = PeerStore(cfg.controller_url, cfg.instance_id, os.environ.get(CONTROLLER_TOKEN_ENV, ""))
-    store.server_token = os.environ.get(TOKEN_ENV, "")
     options = RemoteOptions(lookup_timeout=cfg.peer_lookup_timeout_ms / 1e3, timeout=cfg.peer_timeout_ms / 1e3)
+    store = PeerStore(cfg.controller_url, cfg.instance_id, os.environ.get(CONTROLLER_TOKEN_ENV, ""),
+                      backoff=(options.backoff, options.backoff_max))  # fmt: skip
+    store.server_token = os.environ.get(TOKEN_ENV, "")
     tier = RemoteTier(store, engine.layout, get_codec(engine.config.codec), options,
                       engine_codec=engine.config.codec, name="peer")  # fmt: skip
     position = sum(1 for t in engine.chain.lower if isinstance(t, FileTier))

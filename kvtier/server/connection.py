@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +38,8 @@ from kvtier.server.protocol import (
 )
 
 _REQUEST_IDS = 2**32
+_WAITALL_MIN = 64 * 1024  # bodies at least this large are received with MSG_WAITALL
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 
 
 def time_left(deadline: float) -> float:
@@ -119,10 +122,32 @@ class Connection:
 
     def recv_into(self, view: memoryview, deadline: float) -> None:
         """Fill `view` from the socket."""
+        if view.nbytes >= _WAITALL_MIN:
+            self._recv_waitall(view, deadline)
+            return
         sock, got, size = self.sock, 0, view.nbytes
         while got < size:
             sock.settimeout(time_left(deadline))
             n = sock.recv_into(view[got:])
+            if not n:
+                raise ConnectionError(f"kvtier server closed the connection after {got} of {size} bytes")
+            got += n
+
+    def _recv_waitall(self, view: memoryview, deadline: float) -> None:
+        """Fill a large `view` with blocking MSG_WAITALL receives: usually one system call, where a
+        socket timeout (poll, then whatever is buffered) takes dozens. SO_RCVTIMEO bounds each call by
+        the deadline; a call it cuts short returns what it had, or raises EAGAIN if it had nothing."""
+        sock, got, size = self.sock, 0, view.nbytes
+        sock.settimeout(None)
+        while got < size:
+            left = time_left(deadline)
+            seconds = int(left)
+            micros = max(1, int((left - seconds) * 1e6))  # 0 would mean "no timeout"
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(seconds, micros))
+            try:
+                n = sock.recv_into(view[got:], size - got, socket.MSG_WAITALL)
+            except BlockingIOError:
+                raise TimeoutError("kvtier server: deadline exceeded") from None
             if not n:
                 raise ConnectionError(f"kvtier server closed the connection after {got} of {size} bytes")
             got += n

@@ -72,6 +72,21 @@ def test_a_hung_peer_costs_one_deadline_then_nothing(cluster):
     os.kill(a.proc.pid, signal.SIGCONT)
 
 
+def test_a_hung_peer_is_skipped_and_the_next_best_peer_serves(cluster):
+    _, start = cluster
+    a, c = start("a", SERVE), start("c", SERVE)
+    b = start("b", IMPATIENT | {"KVTIER_CLUSTER_PEER_TIMEOUT_MS": "1000"})
+    a.call("store", tokens=DOC[:28])  # the longest prefix: the controller's first choice
+    c.call("store", tokens=DOC[:20])
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    got = b.call("retrieve", tokens=DOC, repeat=2)
+    first, again = got["seconds"]
+    assert first >= 1.0  # the first try waited for a, then missed
+    assert got["tokens"] == 20 and again < 1.0  # the second went straight to c: only a is paused
+    assert got["digest"] == b.call("expected", tokens=DOC[:20])["digest"]
+    os.kill(a.proc.pid, signal.SIGCONT)
+
+
 def test_move_copies_chunks_between_instances(cluster):
     controller, start = cluster
     a = start("a", SERVE)

@@ -18,6 +18,13 @@ from kvtier.keys import ChunkKey
 Buffer = bytes | bytearray | memoryview
 
 
+class MemberDown(Exception):
+    """One member of a store that spans several servers failed (a peer instance): the store as a
+    whole still answers through its other members, so RemoteTier counts and logs the failure and
+    treats the call as a miss, without pausing the whole store. The store keeps its own per-member
+    back-off."""
+
+
 class ObjectStore(Protocol):
     """Whole framed objects under chunk keys, with batched existence checks and reads."""
 

@@ -27,7 +27,7 @@ from kvtier.layout import KVLayout
 from kvtier.logutil import BurstLog
 from kvtier.storage.base import TierStats
 from kvtier.storage.remote.breaker import Breaker
-from kvtier.storage.remote.store import Buffer, ObjectStore
+from kvtier.storage.remote.store import Buffer, MemberDown, ObjectStore
 
 if TYPE_CHECKING:
     from kvtier.config import RemoteConfig
@@ -161,6 +161,10 @@ class RemoteTier:
             return failed
         try:
             result = fn()
+        except MemberDown as exc:  # one peer of several: a miss, and only that peer pauses
+            self.stats.errors += 1
+            self._burst.warning(op, "%s: %s failed: %s", self.name, op, exc)
+            return failed
         except Exception as exc:  # a remote failure of any kind degrades to a miss; the request goes on
             self.stats.errors += 1
             pause = self.breaker.failure()
