@@ -207,6 +207,7 @@ class CacheEngine:
         max_tokens: int | None = None,
         chunks: list[Chunk] | None = None,
         start: int = 0,
+        device: torch.device | str | None = None,
     ) -> int:
         """Call `scatter(lo, hi, kv)` for each cached chunk of tokens [start, max_tokens); return the
         end of what was delivered (`start` when nothing was).
@@ -215,9 +216,12 @@ class CacheEngine:
         to begin at `start` and the last to end at `max_tokens`. `kv` belongs to the cache and may
         be overwritten once `scatter` returns: copy from it inside `scatter`, never keep or modify
         it. Lower-tier chunks are read into a reused buffer and promoted into L1 in the background.
+        `device` is where `scatter` copies to: a disk chunk stored with a compressing codec is
+        decoded there (so `kv` may be on that device); other chunks arrive on the CPU.
         """
         chunks = self.chunks(tokens) if chunks is None else chunks
-        with self._staging.buffer() as staging:
+        target = None if device is None else torch.device(device)
+        with self._staging.buffer(target) as staging:
             delivered = self._deliver(chunks, scatter, max_tokens, start, staging)
             if staging.read_keys:
                 self._promote_later(list(staging.read_keys))

@@ -228,3 +228,23 @@ def test_retrieve_into_from_an_offset(tmp_path):
         assert [(lo, hi) for lo, hi, _ in parts] == [(24, 32), (32, 48), (48, 56)]
         assert all(torch.equal(t, kv[:, :, lo:hi]) for lo, hi, t in parts)
         assert eng.retrieve_into(tokens(64, 1), lambda *a: None, start=16) == 16  # nothing cached
+
+
+@pytest.mark.parametrize("codec", ["raw", "fp8", "kivi-4", "cachegen"])
+def test_retrieve_into_decodes_compressed_disk_chunks_on_the_callers_device(tmp_path, codec):
+    """On a GPU only the compressed bytes cross PCIe; here the meta device stands in for one."""
+    kv = random_kv(LAYOUT, 32)
+    with engine(tmp_path, codec=codec) as first:
+        first.store(tokens(32), kv)
+    with engine(tmp_path, codec=codec) as second:
+        devices, out = [], LAYOUT.empty(32)
+
+        def record(lo, hi, part):
+            devices.append(part.device.type)
+
+        assert second.retrieve_into(tokens(32), record, device="meta") == 32
+        assert devices == ["cpu" if codec == "raw" else "meta"] * 2
+        assert second.retrieve_into(tokens(32), lambda lo, hi, part: out[:, :, lo:hi].copy_(part), device="cpu") == 32
+        assert torch.equal(out, second.retrieve(tokens(32)))  # the same values as the CPU path
+        second.flush()
+        assert second.chain.l1.stats.objects == 2  # promoted on the CPU, as always

@@ -59,7 +59,7 @@ def load_prefix(model: Any, engine: CacheEngine, tokens: Any, num_tokens: int) -
             ks[layer][0, :, lo:hi].copy_(kv[0, layer].transpose(0, 1))
             vs[layer][0, :, lo:hi].copy_(kv[1, layer].transpose(0, 1))
 
-    got = engine.retrieve_into(tokens, scatter, max_tokens=num_tokens)
+    got = engine.retrieve_into(tokens, scatter, max_tokens=num_tokens, device=model.device)
     cache = new_cache(model)
     if got:
         for layer in range(layout.num_layers):

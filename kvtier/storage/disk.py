@@ -307,9 +307,10 @@ class DiskTier(FileTier):
     def _read(self, path: str, key: ChunkKey, staging: StagingBuffer | None) -> tuple[torch.Tensor, int]:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
+            device = self._decode_device(staging)
             mapped = map_if_cached(f.fileno(), size)
             if mapped is not None:
-                return self._decode_mapped(mapped, key), size
+                return self._decode_mapped(mapped, key, device), size
             header = parse_header(f.read(HEADER_SIZE))
             check_header(header, key, self.layout, self.codec)
             if size != HEADER_SIZE + header.payload_len:
@@ -321,15 +322,23 @@ class DiskTier(FileTier):
             view = payload.numpy().data
             digest = _read_hashed(f, view)
         check_digest(header, digest)
-        return self.codec.decode(view, header.shape, header.dtype, header.params), size
+        return self.codec.decode(view, header.shape, header.dtype, header.params, device), size
 
-    def _decode_mapped(self, data: memoryview, key: ChunkKey) -> torch.Tensor:
+    def _decode_mapped(self, data: memoryview, key: ChunkKey, device: torch.device | None) -> torch.Tensor:
         """Validate a whole object mapped from its file and decode it (raw: a view of the mapping)."""
         header = parse_header(data)
         check_header(header, key, self.layout, self.codec)
         payload = data[HEADER_SIZE:]
         check_payload(header, payload)
-        return self.codec.decode(payload, header.shape, header.dtype, header.params)
+        return self.codec.decode(payload, header.shape, header.dtype, header.params, device)
+
+    def _decode_device(self, staging: StagingBuffer | None) -> torch.device | None:
+        """Where to decode: the caller's device for a compressing codec read on the request path;
+        the CPU otherwise (raw "decoding" on a GPU would be a copy from pageable memory, which the
+        caller's scatter does as well; promotions into L1 stay on the CPU)."""
+        if staging is None or staging.device is None or staging.device.type == "cpu" or self.codec.name == "raw":
+            return None
+        return staging.device
 
 
 class ObjectDiskTier(FileTier):

@@ -22,11 +22,14 @@ from kvtier.keys import ChunkKey
 class StagingBuffer:
     """One growable byte buffer, reused read after read; also lists the keys read through it."""
 
-    __slots__ = ("_buf", "read_keys")
+    __slots__ = ("_buf", "device", "read_keys")
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         self._buf = torch.empty(0, dtype=torch.uint8)
         self.read_keys: list[ChunkKey] = []  # chunks read into the buffer and not promoted yet
+        # where the caller's memory lives: compressed chunks are decoded there (on a GPU, only the
+        # compressed bytes cross PCIe); None is the CPU
+        self.device = device
 
     def take(self, nbytes: int) -> torch.Tensor:
         """`nbytes` of the buffer (grown if needed): valid until the next take()."""
@@ -44,10 +47,11 @@ class StagingPool:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def buffer(self) -> Iterator[StagingBuffer]:
-        """A buffer for the duration of the block."""
+    def buffer(self, device: torch.device | None = None) -> Iterator[StagingBuffer]:
+        """A buffer for the duration of the block, for a caller whose memory is on `device`."""
         with self._lock:
             buf = self._free.pop() if self._free else StagingBuffer()
+        buf.device = device
         try:
             yield buf
         finally:

@@ -83,8 +83,9 @@ class Worker:
         paged = self._paged()
         ids = torch.tensor(spec.block_ids, dtype=torch.long)
         return self.engine.retrieve_into(
-            spec.tokens, lambda lo, hi, kv: paged.scatter(ids, lo, kv), max_tokens=spec.end, start=spec.start
-        )
+            spec.tokens, lambda lo, hi, kv: paged.scatter(ids, lo, kv), max_tokens=spec.end, start=spec.start,
+            device=paged.device,
+        )  # fmt: skip
 
     def save(self, plan: StepPlan) -> None:
         """Store the planned ranges' chunks that the cache does not hold yet."""
