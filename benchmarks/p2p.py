@@ -110,7 +110,11 @@ def main() -> None:
         got = tier.get_many(wanted)
         assert all(g is not None and torch.equal(g, e) for g, e in zip(got, expected, strict=True)), "P2P: wrong KV"
         sizes = [128 + kv.nbytes for kv in expected]
-        raw_s, p2p_s = paired(lambda: raw_fetch(sock, sizes), lambda: tier.get_many(wanted), args.repeat)
+
+        def p2p() -> None:
+            assert all(g is not None for g in tier.get_many(wanted)), "P2P: a fetch failed"
+
+        raw_s, p2p_s = paired(lambda: raw_fetch(sock, sizes), p2p, args.repeat)
         tier.close()
         sock.close()
     finally:

@@ -16,12 +16,14 @@ recompute. A failing controller, on the other hand, pauses the whole peer tier (
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import threading
 import time
 import urllib.request
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,14 +46,32 @@ class PeerObjects:
 
     def __init__(self, l1: CPUTier | None, disk: FileTier | None, layout: KVLayout, codec: Codec) -> None:
         self.l1, self.disk, self.layout, self.codec = l1, disk, layout, codec
+        # L1 tensors are never modified, so the header of a raw chunk (with its payload checksum, a
+        # pass over the whole chunk) is computed once per tensor, and forgotten with the tensor
+        # (tensors compare elementwise, so the memo is keyed by id and checks it still has that tensor)
+        self._headers: dict[int, tuple[weakref.ref[torch.Tensor], ChunkKey, bytes]] = {}
+        self._lock = threading.Lock()
 
     def get_memory(self, key: ChunkKey) -> list[Any] | None:
         """L1's chunk framed: [header, payload], the payload a view of the L1 tensor (no copy)."""
         kv = None if self.l1 is None else self.l1.get(key)
         if kv is None:
             return None
+        if self.codec.name != "raw":
+            return list(encode_object(key, self.layout, self.codec, kv))
+        with self._lock:
+            known = self._headers.get(id(kv))
+        if known is not None and known[0]() is kv and known[1] == key:
+            return [known[2], self.codec.encode(kv)]
         header, payload = encode_object(key, self.layout, self.codec, kv)
+        with self._lock:
+            self._headers[id(kv)] = (weakref.ref(kv, functools.partial(self._forget, id(kv))), key, header)
         return [header, payload]
+
+    def _forget(self, ident: int, ref: weakref.ref[torch.Tensor]) -> None:
+        with self._lock:
+            if (known := self._headers.get(ident)) is not None and known[0] is ref:
+                del self._headers[ident]
 
     def get_disk(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
         """The disk files of `keys` as they are (the fetching peer validates them); blocking."""
