@@ -33,6 +33,7 @@ from kvtier.codec import Codec
 from kvtier.codec.framing import encode_object
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
+from kvtier.server.connection import PoolBusy
 from kvtier.storage.cpu import CPUTier
 from kvtier.storage.disk import FileTier
 from kvtier.storage.remote.breaker import Breaker
@@ -50,7 +51,7 @@ class PeerObjects:
         # pass over the whole chunk) is computed once per tensor, and forgotten with the tensor
         # (tensors compare elementwise, so the memo is keyed by id and checks it still has that tensor)
         self._headers: dict[int, tuple[weakref.ref[torch.Tensor], ChunkKey, bytes]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _forget may run inside a locked block (a collection)
 
     def get_memory(self, key: ChunkKey) -> list[Any] | None:
         """L1's chunk framed: [header, payload], the payload a view of the L1 tensor (no copy)."""
@@ -172,6 +173,8 @@ class PeerStore:
             return [None] * len(keys)
         try:
             got = self._client(address).get(keys, timeout)
+        except PoolBusy as exc:  # our own connections were all busy: not the peer's fault
+            raise MemberDown(f"peer {address}: {exc}") from exc
         except Exception as exc:
             pause = breaker.failure()
             raise MemberDown(f"peer {address}: {type(exc).__name__}: {exc}; skipping it for {pause:.2f} s") from exc
@@ -182,6 +185,8 @@ class PeerStore:
         with self._lock:
             breaker = self._breakers.get(address)
             if breaker is None:
+                if len(self._breakers) > 4096:  # instances come and go: keep only paused peers
+                    self._breakers = {a: b for a, b in self._breakers.items() if b.is_open}
                 breaker = self._breakers[address] = Breaker(*self._backoff, self._clock)
             return breaker
 

@@ -39,7 +39,13 @@ from kvtier.server.protocol import (
 
 _REQUEST_IDS = 2**32
 _WAITALL_MIN = 64 * 1024  # bodies at least this large are received with MSG_WAITALL
+_WAITALL_SLICE = 0.25  # seconds one such receive may block
 _TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
+
+
+class PoolBusy(TimeoutError):
+    """Every connection of the pool stayed lent out until the deadline: contention in this
+    process, not a fault of the server."""
 
 
 def time_left(deadline: float) -> float:
@@ -140,14 +146,16 @@ class Connection:
         sock, got, size = self.sock, 0, view.nbytes
         sock.settimeout(None)
         while got < size:
-            left = time_left(deadline)
+            # slices of at most 0.25 s: after a signal, CPython restarts the call with the same
+            # SO_RCVTIMEO, so a whole deadline per call could be waited again after each signal
+            left = min(time_left(deadline), _WAITALL_SLICE)
             seconds = int(left)
             micros = max(1, int((left - seconds) * 1e6))  # 0 would mean "no timeout"
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(seconds, micros))
             try:
                 n = sock.recv_into(view[got:], size - got, socket.MSG_WAITALL)
             except BlockingIOError:
-                raise TimeoutError("kvtier server: deadline exceeded") from None
+                continue  # this slice passed with nothing received: time_left() decides
             if not n:
                 raise ConnectionError(f"kvtier server closed the connection after {got} of {size} bytes")
             got += n
@@ -202,7 +210,7 @@ class Pool:
         if self._closed:
             raise TierError(f"{self._where}: the store is closed")
         if not self._slots.acquire(timeout=time_left(deadline)):
-            raise TimeoutError(f"{self._where}: all {self._size} connections stayed busy until the deadline")
+            raise PoolBusy(f"{self._where}: all {self._size} connections stayed busy until the deadline")
         try:
             conn = self._take() or self._connect(deadline)
             try:

@@ -96,12 +96,9 @@ class TierChain:
     def _get_run(self, tier: Tier, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
         got = tier.get_many(keys) if isinstance(tier, BatchReader) else (self._get(tier, k) for k in keys)
-        owned = not getattr(tier, "lends_views", False)
         for key, kv in zip(keys, got, strict=False):
             if kv is None:
                 break
-            if not owned:
-                kv = kv.clone()  # a view of a mapped file: L1 and callers keep memory of their own
             if tier is not self.l1 and self.l1 is not None:
                 self.l1.put(key, kv)  # promotion; refused only when L1 is full of pinned chunks
             out.append(kv)

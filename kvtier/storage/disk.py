@@ -279,12 +279,10 @@ class FileTier:
 class DiskTier(FileTier):
     """Canonical chunk tensors, framed with `layout` and `codec`, in files under `root`.
 
-    A file whose pages are all in the page cache is read in place (mapped.py): the tensor `get`
-    returns is then a private view of the file's pages, valid as long as it is referenced, but
-    holding a file descriptor and the file's pages: copy what you keep (`lends_views`).
+    `get` returns memory of its own. `get_into` (the retrieve path, whose caller copies the chunk
+    out at once) reads a file whose pages are all in the page cache in place (mapped.py): the
+    tensor is then a private view of the file's pages, holding its descriptor until dropped.
     """
-
-    lends_views = True
 
     def __init__(
         self,
@@ -308,7 +306,8 @@ class DiskTier(FileTier):
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             device = self._decode_device(staging)
-            mapped = map_if_cached(f.fileno(), size)
+            # the staged path copies the tensor out at once: read a cached file in place
+            mapped = None if staging is None else map_if_cached(f.fileno(), size)
             if mapped is not None:
                 return self._decode_mapped(mapped, key, device), size
             header = parse_header(f.read(HEADER_SIZE))

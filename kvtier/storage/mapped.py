@@ -25,11 +25,13 @@ import ctypes.util
 import errno
 import logging
 import mmap
+import os
+import platform
 import sys
 
 log = logging.getLogger("kvtier.storage.mapped")
 
-_SYS_CACHESTAT = 451  # the same number on every Linux architecture (the unified syscall table)
+_SYS_CACHESTAT = 451  # in the unified table of system calls added since Linux 5.1; alpha and MIPS number apart
 
 
 class _Range(ctypes.Structure):
@@ -45,7 +47,7 @@ class _CacheStat:
 
     def __init__(self) -> None:
         self.available = False
-        if not sys.platform.startswith("linux"):
+        if not sys.platform.startswith("linux") or platform.machine().startswith(("alpha", "mips")):
             return
         name = ctypes.util.find_library("c")
         if name is None:
@@ -56,6 +58,18 @@ class _CacheStat:
             return
         self._syscall.restype = ctypes.c_long
         self.available = True
+        self.available = self._probe()
+
+    def _probe(self) -> bool:
+        """Whether the kernel answers at all (Linux 6.5+, not forbidden by a seccomp filter)."""
+        try:
+            fd = os.open(sys.executable, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            return self.cached_pages(fd, 1) is not None
+        finally:
+            os.close(fd)
 
     def cached_pages(self, fd: int, length: int) -> int | None:
         """Pages of the first `length` bytes of `fd` in the page cache; None if the kernel cannot say."""
@@ -66,7 +80,7 @@ class _CacheStat:
             return int(stat.cache)
         err = ctypes.get_errno()
         if err in (errno.ENOSYS, errno.EPERM):  # old kernel, or a seccomp filter that forbids it
-            log.info("cachestat(2) unavailable (%s): disk reads copy through read()", errno.errorcode.get(err, err))
+            log.debug("cachestat(2) unavailable (%s): disk reads copy through read()", errno.errorcode.get(err, err))
             self.available = False
         return None
 
