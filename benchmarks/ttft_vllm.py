@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ from benchmarks._common import report
 
 CORPUS = Path(__file__).parent / "data" / "pride-and-prejudice-opening.txt"
 NEW_TOKENS = 4
+# Seconds between requests: kvtier writes new chunks to disk and promotes disk hits into L1 on
+# background threads after a request; on two cores, torch's OpenMP threads stall while any other
+# thread runs, so without the pause the next row would measure that overlap, not its own path.
+PAUSE_S = 2.0
 DTYPE = "float32"  # identical tokens across rows; see kvtier/demo/vllm_demo.py
 CONFIGS = {  # name: (connector, prefix caching, requests per prompt)
     "plain": (None, True, 2),  # cold, then vLLM's own prefix-cache hit
@@ -123,6 +128,7 @@ def worker(name: str, sizes: list[int], root: str) -> None:
         offset += n
         ttfts, tokens = [], []
         for _ in range(requests):
+            time.sleep(PAUSE_S)  # every row starts on an idle machine (see PAUSE_S)
             result = llm.generate([prompt], params, use_tqdm=False)[0]
             assert result.metrics is not None
             ttfts.append(result.metrics.first_token_latency)
