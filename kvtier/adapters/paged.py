@@ -20,7 +20,7 @@ All are plain torch ops, so they run on any device.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -133,18 +133,33 @@ class PagedKV:
         full = len(ids) - (tail < self.block_size)
         runs = block_runs(ids[:full])
         dev_ids = ids[:full].to(self.device) if runs is None else ids
-        planes, bs = self.layout.kv_planes, self.block_size
-        for layer, view in enumerate(self.views):
-            src = kv[:, layer]  # [planes, T, h, d]
-            if full:
-                blocks = src[:, : full * bs].reshape(planes, full, bs, *src.shape[2:]).transpose(0, 1)
-                if runs is None:
-                    view.index_copy_(0, dev_ids, blocks)
-                else:
-                    for offset, first, length in runs:
-                        view[first : first + length].copy_(blocks[offset : offset + length])
-            if tail < bs:
-                view[int(ids[full]), :, :tail] = src[:, full * bs :]
+        bs = self.block_size
+        if full:
+            # [layers, blocks, planes, block_size, h, d]: one view per layer, sliced per run
+            blocks = kv[:, :, : full * bs].unflatten(2, (full, bs)).permute(1, 2, 0, 3, 4, 5)
+            if runs is None:
+                for layer, view in enumerate(self.views):
+                    view.index_copy_(0, dev_ids, blocks[layer])
+            else:
+                for offset, first, length in runs:  # one batched copy over every layer per run
+                    _copy_all([view[first : first + length] for view in self.views],
+                              blocks[:, offset : offset + length].unbind(0))  # fmt: skip
+        if tail < bs:
+            last = int(ids[full])
+            for layer, view in enumerate(self.views):
+                view[last, :, :tail] = kv[:, layer, full * bs :]
+
+
+def _copy_all(dst: list[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for every i, in one call where torch offers it (no Python per layer)."""
+    if _FOREACH_COPY is not None:
+        _FOREACH_COPY(dst, src)
+        return
+    for d, s in zip(dst, src, strict=True):
+        d.copy_(s)
+
+
+_FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
 
 
 def block_runs(ids: torch.Tensor, max_runs: int = 4) -> list[tuple[int, int, int]] | None:
