@@ -114,14 +114,16 @@ class PagedKV:
         n = len(ids) * self.block_size
         out = torch.empty(self.layout.shape(n), dtype=self.layout.dtype, device=self.device)
         runs = block_runs(ids)
-        dev_ids = ids.to(self.device) if runs is None else ids
-        for layer, view in enumerate(self.views):
-            dst = out[:, layer].view(self.layout.kv_planes, len(ids), self.block_size, *out.shape[3:]).transpose(0, 1)
-            if runs is None:
-                dst.copy_(view.index_select(0, dev_ids))  # scattered: one indexed copy per layer
-                continue
-            for offset, first, length in runs:  # consecutive blocks: a plain strided copy each
-                dst[offset : offset + length].copy_(view[first : first + length])
+        # [layers, blocks, planes, block_size, h, d]
+        blocks = out.unflatten(2, (len(ids), self.block_size)).permute(1, 2, 0, 3, 4, 5)
+        if runs is None:  # scattered: one indexed copy per layer
+            dev_ids = ids.to(self.device)
+            for layer, view in enumerate(self.views):
+                blocks[layer].copy_(view.index_select(0, dev_ids))
+        else:  # consecutive blocks: one batched copy over every layer per run
+            for offset, first, length in runs:
+                _copy_all(list(blocks[:, offset : offset + length].unbind(0)),
+                          [view[first : first + length] for view in self.views])  # fmt: skip
         return out[:, :, : end - start]
 
     def scatter(self, block_ids: torch.Tensor, start: int, kv: torch.Tensor) -> None:

@@ -38,6 +38,17 @@ def test_breaker_opens_doubles_and_closes():
     assert breaker.allow() and breaker.opened == 1
 
 
+def test_calls_in_flight_when_the_breaker_opens_do_not_double_the_pause():
+    clock = FakeClock()
+    breaker = Breaker(0.25, 10.0, clock)
+    assert [breaker.failure() for _ in range(5)] == [0.25] * 5  # five concurrent calls to a hung remote
+    clock.now = 0.1
+    assert not breaker.allow()
+    clock.now = 0.25
+    assert breaker.allow() and breaker.failure() == 0.5  # the trial after the pause doubles it
+    assert breaker.opened == 1
+
+
 @pytest.fixture
 def blackhole():
     """A TCP port that accepts connections and never answers (a hung server)."""

@@ -43,10 +43,20 @@ class Breaker:
                 self._until = 0.0
 
     def failure(self) -> float:
-        """A call failed: open (or keep open) the breaker; return the pause started now."""
+        """A call failed: open (or keep open) the breaker; return the pause in force.
+
+        Only the first failure and failed trials (calls allowed after a pause ended) set a pause;
+        calls that were already in flight when the breaker opened fail without doubling it, so N
+        concurrent requests to a hung remote cost one pause of `first`, not `first * 2**(N-1)`.
+        """
         with self._lock:
+            now = self._clock()
             if not self._pause:
                 self.opened += 1
-            self._pause = min(self.most, self._pause * 2) if self._pause else self.first
-            self._until = self._clock() + self._pause
+                self._pause = self.first
+            elif now >= self._until:  # a trial failed
+                self._pause = min(self.most, self._pause * 2)
+            else:  # began before the breaker opened: that failure is already counted
+                return self._pause
+            self._until = now + self._pause
             return self._pause
