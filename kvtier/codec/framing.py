@@ -131,10 +131,17 @@ def encode_object(key: ChunkKey, layout: KVLayout, codec: Codec, kv: torch.Tenso
     return pack_header(key, layout, codec, kv, payload), payload
 
 
-def decode_object(data: bytes | bytearray | memoryview, key: ChunkKey, layout: KVLayout, codec: Codec) -> torch.Tensor:
-    """Validate a whole stored object and decode its tensor; CorruptObjectError on any mismatch."""
+def decode_object(
+    data: bytes | bytearray | memoryview,
+    key: ChunkKey,
+    layout: KVLayout,
+    codec: Codec,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Validate a whole stored object and decode its tensor (on `device`, default CPU; raw: a view
+    of `data`); CorruptObjectError on any mismatch."""
     header = parse_header(data)
     check_header(header, key, layout, codec)
     payload = memoryview(data)[HEADER_SIZE:]
     check_payload(header, payload)
-    return codec.decode(payload, header.shape, header.dtype, header.params)
+    return codec.decode(payload, header.shape, header.dtype, header.params, device)

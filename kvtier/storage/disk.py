@@ -31,7 +31,7 @@ from kvtier.codec.framing import (
     HEADER_SIZE,
     check_digest,
     check_header,
-    check_payload,
+    decode_object,
     encode_object,
     parse_header,
     payload_hasher,
@@ -309,7 +309,7 @@ class DiskTier(FileTier):
             # the staged path copies the tensor out at once: read a cached file in place
             mapped = None if staging is None else map_if_cached(f.fileno(), size)
             if mapped is not None:
-                return self._decode_mapped(mapped, key, device), size
+                return decode_object(mapped, key, self.layout, self.codec, device), size
             header = parse_header(f.read(HEADER_SIZE))
             check_header(header, key, self.layout, self.codec)
             if size != HEADER_SIZE + header.payload_len:
@@ -322,14 +322,6 @@ class DiskTier(FileTier):
             digest = _read_hashed(f, view)
         check_digest(header, digest)
         return self.codec.decode(view, header.shape, header.dtype, header.params, device), size
-
-    def _decode_mapped(self, data: memoryview, key: ChunkKey, device: torch.device | None) -> torch.Tensor:
-        """Validate a whole object mapped from its file and decode it (raw: a view of the mapping)."""
-        header = parse_header(data)
-        check_header(header, key, self.layout, self.codec)
-        payload = data[HEADER_SIZE:]
-        check_payload(header, payload)
-        return self.codec.decode(payload, header.shape, header.dtype, header.params, device)
 
     def _decode_device(self, staging: StagingBuffer | None) -> torch.device | None:
         """Where to decode: the caller's device for a compressing codec read on the request path;

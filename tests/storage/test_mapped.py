@@ -7,20 +7,12 @@ import os
 import pytest
 import torch
 
+from benchmarks.tiers import _evict
 from kvtier.storage import mapped
 from kvtier.storage.staging import StagingBuffer
 from tests.conftest import SMALL, key, random_kv
 
 needs_cachestat = pytest.mark.skipif(not mapped._CACHESTAT.available, reason="cachestat(2) needs Linux 6.5+")
-
-
-def _evict(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _cached_pages(path):
@@ -48,7 +40,7 @@ def test_cached_file_is_mapped_copy_on_write(tmp_path):
     view[0] = 255  # private mapping: the file keeps its bytes
     assert path.read_bytes()[0] == 0
     del view  # unmapped: its pages can leave the page cache
-    _evict(path)
+    _evict([str(path)])
     if _cached_pages(path) == 0:  # (tmpfs keeps its pages whatever fadvise says)
         assert _map(path) is None  # pages not all cached: the caller must read()
 
