@@ -106,19 +106,11 @@ class CPUTier:
     def pinned(self, keys: Iterable[ChunkKey]) -> Iterator[None]:
         """Keep `keys` (those present now or put while pinned) from being evicted inside the block."""
         keys = list(keys)
-        with self._lock:
-            for key in keys:
-                self._pins[key] = self._pins.get(key, 0) + 1
+        self.pin(keys)
         try:
             yield
         finally:
-            with self._lock:
-                for key in keys:
-                    count = self._pins[key] - 1
-                    if count:
-                        self._pins[key] = count
-                    else:
-                        del self._pins[key]
+            self.unpin(keys)
 
     def pin(self, keys: Iterable[ChunkKey]) -> None:
         """Keep `keys` from eviction until unpin() (counted: two pins need two unpins)."""
