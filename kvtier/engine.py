@@ -94,7 +94,7 @@ class CacheEngine:
         from kvtier.cluster.state import Registration
 
         cfg = self.config.cluster
-        tiers = [t for t in self.chain.tiers if isinstance(t, (CPUTier, FileTier))]  # tiers of this instance only
+        tiers = self._local_tiers()
         address = ""
         if cfg.advertise:
             self.peer_server = peer.serve_peers(self)
@@ -113,11 +113,14 @@ class CacheEngine:
         """What the controller's dashboard shows of this engine: lookups, hits, tier usage."""
         c = self.counters
         out = {"lookup_tokens": float(c.lookup_tokens), "hit_tokens": float(c.lookup_hit_tokens)}
-        for tier in self.chain.tiers:
-            if isinstance(tier, (CPUTier, FileTier)):
-                out[f"{tier.name}_bytes"] = float(tier.stats.bytes)
-                out[f"{tier.name}_capacity"] = float(tier.capacity)
+        for tier in self._local_tiers():
+            out[f"{tier.name}_bytes"] = float(tier.stats.bytes)
+            out[f"{tier.name}_capacity"] = float(tier.capacity)
         return out
+
+    def _local_tiers(self) -> list[CPUTier | FileTier]:
+        """This instance's own tiers (L1 and disk), not shared remote or peer tiers."""
+        return [t for t in self.chain.tiers if isinstance(t, (CPUTier, FileTier))]
 
     # --- keys --------------------------------------------------------------------------------------
 
@@ -292,9 +295,8 @@ class CacheEngine:
         return how many were removed. Chunks being read stay."""
         self.flush()
         removed = 0
-        for tier in self.chain.tiers:
-            if isinstance(tier, (CPUTier, FileTier)):
-                removed += sum(tier.delete(key) for key in tier.held_keys())
+        for tier in self._local_tiers():
+            removed += sum(tier.delete(key) for key in tier.held_keys())
         return removed
 
     def close(self) -> None:
