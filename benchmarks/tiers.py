@@ -23,7 +23,8 @@ import torch
 from benchmarks._common import median, paired, report, timeit
 from kvtier import CacheEngine, Config, KVLayout
 from kvtier.codec.raw import RawCodec
-from kvtier.storage.disk import READ_PIECE, DiskTier
+from kvtier.storage.disk import DiskTier
+from kvtier.storage.filetier import READ_PIECE
 from kvtier.storage.staging import StagingBuffer
 from kvtier.units import GiB
 

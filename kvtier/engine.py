@@ -29,7 +29,8 @@ from kvtier.logutil import setup_logging
 from kvtier.storage.base import Tier
 from kvtier.storage.chain import TierChain
 from kvtier.storage.cpu import CPUTier
-from kvtier.storage.disk import DiskTier, FileTier
+from kvtier.storage.disk import DiskTier
+from kvtier.storage.filetier import FileTier
 from kvtier.storage.staging import StagingBuffer, StagingPool
 from kvtier.units import format_size
 

@@ -35,7 +35,7 @@ from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.server.connection import PoolBusy
 from kvtier.storage.cpu import CPUTier
-from kvtier.storage.disk import FileTier
+from kvtier.storage.filetier import FileTier
 from kvtier.storage.remote.breaker import Breaker
 from kvtier.storage.remote.store import Buffer, MemberDown, StoreOptions
 

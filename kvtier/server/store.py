@@ -25,7 +25,7 @@ from kvtier.codec.framing import HEADER_SIZE, check_payload, parse_header
 from kvtier.errors import CorruptObjectError
 from kvtier.keys import ChunkKey
 from kvtier.storage.cpu import CPUTier
-from kvtier.storage.disk import ObjectDiskTier
+from kvtier.storage.objects import ObjectDiskTier
 
 log = logging.getLogger("kvtier.server.store")
 

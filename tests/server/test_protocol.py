@@ -24,7 +24,7 @@ from kvtier.server.protocol import (
     wire_key,
 )
 from kvtier.server.store import ObjectCache, validate_object
-from kvtier.storage.disk import ObjectDiskTier
+from kvtier.storage.objects import ObjectDiskTier
 from tests.conftest import key
 from tests.server.conftest import OBJECT_SIZE, make_object
 

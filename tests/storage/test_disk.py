@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvtier.errors import ConfigError
-from kvtier.storage import disk as disk_module
+from kvtier.storage import filetier
 from tests.conftest import SMALL, key, random_kv
 
 OBJ = random_kv(SMALL, 4).nbytes + 128
@@ -87,7 +87,7 @@ def test_full_disk_fails_the_put_and_keeps_what_was_stored(make_disk, monkeypatc
     def no_space(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(disk_module.os, "writev", no_space)
+    monkeypatch.setattr(filetier.os, "writev", no_space)
     assert not tier.put(key(2), random_kv(SMALL, 4, seed=2))
     assert tier.stats.errors == 1 and tier.stats.put_failures == 1
     monkeypatch.undo()
@@ -104,7 +104,7 @@ def test_stale_temp_files_are_removed_on_start(make_disk):
     stale.write_bytes(b"partial")
     fresh = tier.path(key(1)).with_name("y.kv.1.abcd.tmp")
     fresh.write_bytes(b"partial")
-    old = time.time() - 2 * disk_module.STALE_TMP_SECONDS
+    old = time.time() - 2 * filetier.STALE_TMP_SECONDS
     os.utime(stale, (old, old))
     make_disk(100 * OBJ)
     assert not stale.exists() and fresh.exists()  # a fresh one may belong to a live writer
