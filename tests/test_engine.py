@@ -97,9 +97,9 @@ def test_restart_hits_the_disk_and_promotes(tmp_path):
 
 @pytest.mark.parametrize("mapped_reads", [False, True])
 def test_retrieve_into_reads_the_disk_through_reused_buffers_then_promotes(tmp_path, monkeypatch, mapped_reads):
-    if mapped_reads and not mapped._CACHESTAT.available:
+    if mapped_reads and not mapped._KERNEL.available:
         pytest.skip("cachestat(2) needs Linux 6.5+")
-    monkeypatch.setattr(mapped._CACHESTAT, "available", mapped_reads)
+    monkeypatch.setattr(mapped._KERNEL, "available", mapped_reads)
     kv = random_kv(LAYOUT, 64)
     with engine(tmp_path) as first:
         first.store(tokens(64), kv)
@@ -153,6 +153,31 @@ def test_retrieve_into_stops_at_a_corrupt_disk_chunk_and_deletes_it(tmp_path):
         assert got == 16 and torch.equal(out[:, :, :16], kv[:, :, :16])
         assert not path.exists() and second.stats()["l2"]["corrupt"] == 1
         assert second.flush(timeout=10) and second.chain.l1.stats.objects == 1
+
+
+def test_retrieve_into_releases_mapped_disk_chunks_after_the_prefill(tmp_path, monkeypatch):
+    if not mapped._KERNEL.available:
+        pytest.skip("cachestat(2) needs Linux 6.5+")
+    import kvtier.engine
+
+    monkeypatch.setattr(kvtier.engine, "_PROMOTE_WAIT_S", 60.0)  # only the end of the prefill releases them
+    kv = random_kv(LAYOUT, 64)
+    with engine(tmp_path) as first:
+        first.store(tokens(64), kv)
+    with engine(tmp_path) as second:
+        paths = [str(second.chain.lower[0].path(c.key)) for c in second.chunks(tokens(64))]
+        out = LAYOUT.empty(64)
+        assert second.retrieve_into(tokens(64), lambda lo, hi, part: out[:, :, lo:hi].copy_(part)) == 64
+        assert torch.equal(out, kv)
+        assert all(map(_is_mapped, paths))  # unmapping waits: it is kernel work the request need not wait for
+        second.store(tokens(80), random_kv(LAYOUT, 80))  # the request stores its new chunks: prefill over
+        assert second.flush(timeout=10)
+        assert not any(map(_is_mapped, paths)) and second.chain.l1.stats.objects == 5
+
+
+def _is_mapped(path) -> bool:
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip().endswith(path) for line in maps)
 
 
 def test_prefetch_promotes_into_l1(tmp_path):

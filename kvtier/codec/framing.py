@@ -131,6 +131,22 @@ def encode_object(key: ChunkKey, layout: KVLayout, codec: Codec, kv: torch.Tenso
     return pack_header(key, layout, codec, kv, payload), payload
 
 
+def validate_object(data: bytes | bytearray | memoryview, key: ChunkKey, layout: KVLayout, codec: Codec) -> Header:
+    """The header of a whole stored object whose framing, key, layout, codec and payload checksum
+    all check out; CorruptObjectError otherwise."""
+    header = parse_header(data)
+    check_header(header, key, layout, codec)
+    check_payload(header, memoryview(data)[HEADER_SIZE:])
+    return header
+
+
+def decode_payload(
+    header: Header, data: bytes | bytearray | memoryview, codec: Codec, device: torch.device | None = None
+) -> torch.Tensor:
+    """The tensor of a validated object (on `device`, default CPU; raw: a view of `data`)."""
+    return codec.decode(memoryview(data)[HEADER_SIZE:], header.shape, header.dtype, header.params, device)
+
+
 def decode_object(
     data: bytes | bytearray | memoryview,
     key: ChunkKey,
@@ -140,8 +156,4 @@ def decode_object(
 ) -> torch.Tensor:
     """Validate a whole stored object and decode its tensor (on `device`, default CPU; raw: a view
     of `data`); CorruptObjectError on any mismatch."""
-    header = parse_header(data)
-    check_header(header, key, layout, codec)
-    payload = memoryview(data)[HEADER_SIZE:]
-    check_payload(header, payload)
-    return codec.decode(payload, header.shape, header.dtype, header.params, device)
+    return decode_payload(validate_object(data, key, layout, codec), data, codec, device)

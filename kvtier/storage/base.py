@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
@@ -88,6 +88,16 @@ class StagedReader(Protocol):
     def get_into(self, key: ChunkKey, staging: StagingBuffer) -> torch.Tensor | None:
         """Like get(), but the tensor may live in `staging` or in the tier's own storage (a mapped
         file): read it at once; it is valid until the next read through `staging`."""
+        ...
+
+
+@runtime_checkable
+class StagedBatchReader(Protocol):
+    """A StagedReader that reads a run of keys at once (validating ahead, in parallel)."""
+
+    def get_many_into(self, keys: Sequence[ChunkKey], staging: StagingBuffer) -> Iterator[torch.Tensor]:
+        """get_into() for each of `keys` in order, stopping at the first miss. Each tensor is valid
+        until the next one is taken; it never raises for a missing or corrupt object."""
         ...
 
 

@@ -18,7 +18,7 @@ import torch
 
 from kvtier.keys import ChunkKey
 from kvtier.logutil import BurstLog
-from kvtier.storage.base import BatchReader, StagedReader, Tier
+from kvtier.storage.base import BatchReader, StagedBatchReader, StagedReader, Tier
 from kvtier.storage.cpu import CPUTier
 from kvtier.storage.staging import StagingBuffer
 from kvtier.storage.writer import AsyncWriter, WriteJob
@@ -105,12 +105,23 @@ class TierChain:
         return out
 
     def _get_staged(self, tier: Tier, keys: Sequence[ChunkKey], staging: StagingBuffer) -> Iterator[torch.Tensor]:
-        for key in keys:
-            kv = self._get(tier, key, staging)
+        if isinstance(tier, StagedBatchReader):
+            got = self._batch(tier, keys, staging)
+        else:
+            got = (self._get(tier, key, staging) for key in keys)
+        for key, kv in zip(keys, got, strict=False):
             if kv is None:
                 return
             staging.read_keys.append(key)
             yield kv
+
+    def _batch(
+        self, tier: StagedBatchReader, keys: Sequence[ChunkKey], staging: StagingBuffer
+    ) -> Iterator[torch.Tensor | None]:
+        try:
+            yield from tier.get_many_into(keys, staging)
+        except Exception as exc:  # a broken tier degrades to a miss; the request goes on
+            self._failed(tier, "get", exc)
 
     def promote(self, keys: Sequence[ChunkKey]) -> int:
         """Load lower-tier chunks of the available prefix into L1; return the prefix length in keys."""

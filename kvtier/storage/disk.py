@@ -1,27 +1,56 @@
-"""L2: canonical chunk tensors as framed files in a local directory (the machinery is FileTier's)."""
+"""L2: canonical chunk tensors as framed files in a local directory (the machinery is FileTier's).
+
+On the retrieve path (`get_into`, `get_many_into`: the caller copies each chunk out at once), a file
+whose pages are all in the page cache is mapped and validated in place (mapped.py). When the page
+cache holds a file in 4 KiB pages (it was evicted and read again), most of the cost of such a read
+is kernel work per page: filling the mapping's page tables and, later, tearing them down.
+`get_many_into` therefore maps and validates a window of files ahead on a few threads (page tables
+filled by one madvise call, the xxh3 checksum of large buffers: both run without the GIL), then
+hands the chunks over in order; the mappings stay held by the caller's staging buffer, which the
+engine releases off the request path. Files written recently sit in large folios that the kernel
+maps in 2 MiB steps: there the window costs a little (the copy out reads memory again instead of
+the cache the checksum just filled).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
 from kvtier.codec import Codec
-from kvtier.codec.framing import HEADER_SIZE, check_digest, check_header, decode_object, encode_object, parse_header
+from kvtier.codec.framing import (
+    HEADER_SIZE,
+    Header,
+    check_digest,
+    check_header,
+    decode_payload,
+    encode_object,
+    parse_header,
+    validate_object,
+)
 from kvtier.errors import CorruptObjectError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.storage.filetier import FileTier, read_hashed
-from kvtier.storage.mapped import map_if_cached
+from kvtier.storage.mapped import map_if_cached, populate
 from kvtier.storage.staging import StagingBuffer
+
+# Chunks validated ahead by `get_many_into` before the first is handed over. Validation and the
+# caller's copy are both memory-bound: run side by side on two cores they slow each other down
+# (measured), so a window is validated whole, then copied out.
+VALIDATE_AHEAD = 32
 
 
 class DiskTier(FileTier):
     """Canonical chunk tensors, framed with `layout` and `codec`, in files under `root`.
 
-    `get` returns memory of its own. `get_into` (the retrieve path, whose caller copies the chunk
-    out at once) reads a file whose pages are all in the page cache in place (mapped.py): the
-    tensor is then a private view of the file's pages, holding its descriptor until dropped.
+    `get` returns memory of its own. `get_into` and `get_many_into` (the retrieve path, whose
+    caller copies each chunk out at once) read a file whose pages are all in the page cache in
+    place (mapped.py): the tensor is then a private view of the file's pages, which the staging
+    buffer holds until it is released.
     """
 
     def __init__(
@@ -36,7 +65,60 @@ class DiskTier(FileTier):
     ) -> None:
         self.layout = layout
         self.codec = codec
+        # threads (started on first use) that map and validate files ahead of the reader: page tables
+        # fill in one system call and xxh3 hashes large buffers, both without the GIL
+        self._validators = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), "kvtier-validate")
         super().__init__(root, capacity, policy, fsync, name)
+
+    def get_many_into(self, keys: Sequence[ChunkKey], staging: StagingBuffer) -> Iterator[torch.Tensor]:
+        """get_into() for each of `keys` in order, up to the first miss; files wholly in the page
+        cache are mapped and validated on the tier's threads first, `VALIDATE_AHEAD` at a time."""
+        device = self._decode_device(staging)
+        for lo in range(0, len(keys), VALIDATE_AHEAD):
+            window = keys[lo : lo + VALIDATE_AHEAD]
+            checks = [self._validators.submit(self._map_validated, key) for key in window]
+            wait(checks)
+            for key, check in zip(window, checks, strict=True):
+                kv = self._take(key, check, staging, device)
+                if kv is None:
+                    return
+                yield kv
+
+    def _map_validated(self, key: ChunkKey) -> tuple[memoryview, Header] | None:
+        """`key`'s file mapped (page tables filled) and validated, if it is wholly in the page
+        cache; None otherwise; CorruptObjectError if it is corrupt."""
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                mapped = map_if_cached(f.fileno(), os.fstat(f.fileno()).st_size)
+        except OSError:
+            return None  # the sequential read meets the error again and accounts for it
+        if mapped is None:
+            return None
+        populate(mapped)
+        return mapped, validate_object(mapped, key, self.layout, self.codec)
+
+    def _take(
+        self,
+        key: ChunkKey,
+        check: Future[tuple[memoryview, Header] | None],
+        staging: StagingBuffer,
+        device: torch.device | None,
+    ) -> torch.Tensor | None:
+        """`key`'s chunk as validated ahead, or read now; accounted as a hit, or None for a miss."""
+        try:
+            checked = check.result()
+        except CorruptObjectError as exc:
+            self._missed(key, self._path(key), exc)
+            return None
+        if checked is None:  # not mapped: read() it, or account for the miss
+            return self._get(key, staging)
+        mapped, header = checked
+        staging.hold(mapped)
+        return self._hit(key, len(mapped), decode_payload(header, mapped, self.codec, device))
+
+    def close(self) -> None:
+        self._validators.shutdown(wait=True)
+        super().close()
 
     def _encode(self, key: ChunkKey, kv: torch.Tensor) -> list[memoryview]:
         header, payload = encode_object(key, self.layout, self.codec, kv)
@@ -46,10 +128,12 @@ class DiskTier(FileTier):
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             device = self._decode_device(staging)
-            # the staged path copies the tensor out at once: read a cached file in place
-            mapped = None if staging is None else map_if_cached(f.fileno(), size)
-            if mapped is not None:
-                return decode_object(mapped, key, self.layout, self.codec, device), size
+            if staging is not None:  # the caller copies the tensor out at once: read a cached file in place
+                mapped = map_if_cached(f.fileno(), size)
+                if mapped is not None:
+                    header = validate_object(mapped, key, self.layout, self.codec)
+                    staging.hold(mapped)
+                    return decode_payload(header, mapped, self.codec, device), size
             header = parse_header(f.read(HEADER_SIZE))
             check_header(header, key, self.layout, self.codec)
             if size != HEADER_SIZE + header.payload_len:

@@ -165,22 +165,27 @@ class FileTier:
         path = self._path(key)
         try:
             kv, size = self._read(path, key, staging)
-        except FileNotFoundError:
+        except (OSError, CorruptObjectError) as exc:
+            self._missed(key, path, exc)
+            return None
+        return self._hit(key, size, kv)
+
+    def _missed(self, key: ChunkKey, path: str, exc: OSError | CorruptObjectError) -> None:
+        """Account for a read of `key` that failed with `exc`; drop what is gone or corrupt."""
+        self.stats.misses += 1
+        if isinstance(exc, FileNotFoundError):
             with self._lock:
                 self._unindex(key)  # evicted by another process sharing the directory
-            self.stats.misses += 1
-            return None
-        except CorruptObjectError as exc:
+        elif isinstance(exc, CorruptObjectError):
             self._burst.warning("corrupt", "%s: deleting corrupt object %s: %s", self.name, path, exc)
             self.stats.corrupt += 1
-            self.stats.misses += 1
             self._drop(key, path)
-            return None
-        except OSError as exc:
+        else:
             self._burst.warning("read", "%s: cannot read %s: %s", self.name, path, exc)
             self.stats.errors += 1
-            self.stats.misses += 1
-            return None
+
+    def _hit(self, key: ChunkKey, size: int, kv: torch.Tensor) -> torch.Tensor:
+        """Account for `kv`, read from `key`'s file of `size` bytes; return it."""
         with self._lock:
             if key in self._sizes:
                 self._policy.touch(key)

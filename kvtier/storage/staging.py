@@ -22,7 +22,7 @@ from kvtier.keys import ChunkKey
 class StagingBuffer:
     """One growable byte buffer, reused read after read; also lists the keys read through it."""
 
-    __slots__ = ("_buf", "device", "read_keys")
+    __slots__ = ("_buf", "device", "held", "read_keys")
 
     def __init__(self, device: torch.device | None = None) -> None:
         self._buf = torch.empty(0, dtype=torch.uint8)
@@ -30,12 +30,24 @@ class StagingBuffer:
         # where the caller's memory lives: compressed chunks are decoded there (on a GPU, only the
         # compressed bytes cross PCIe); None is the CPU
         self.device = device
+        # what the tensors read through the buffer were views of (mapped files): released when the
+        # caller is done, or handed on (`take_held`) to be released later, off the request path
+        self.held: list[object] = []
 
     def take(self, nbytes: int) -> torch.Tensor:
         """`nbytes` of the buffer (grown if needed): valid until the next take()."""
         if self._buf.numel() < nbytes:
             self._buf = torch.empty(nbytes, dtype=torch.uint8)
         return self._buf[:nbytes]
+
+    def hold(self, obj: object) -> None:
+        """Keep `obj` alive until the buffer is released (or `take_held` hands it on)."""
+        self.held.append(obj)
+
+    def take_held(self) -> list[object]:
+        """What the buffer holds, now the caller's to release."""
+        held, self.held = self.held, []
+        return held
 
 
 class StagingPool:
@@ -56,6 +68,7 @@ class StagingPool:
             yield buf
         finally:
             buf.read_keys = []
+            buf.held = []
             with self._lock:
                 if len(self._free) < self._keep:
                     self._free.append(buf)

@@ -86,7 +86,7 @@ def test_failing_lower_tier_degrades_to_a_miss(make_cpu, make_disk):
 
 
 def test_staged_reads_share_one_buffer_and_fail_as_misses(make_cpu, make_disk, monkeypatch):
-    monkeypatch.setattr(mapped._CACHESTAT, "available", False)  # files not known cached: read() into staging
+    monkeypatch.setattr(mapped._KERNEL, "available", False)  # files not known cached: read() into staging
     l2 = FaultyTier(make_disk(100 * (CHUNK + 128)))
     chain = TierChain(make_cpu(100 * CHUNK), [l2])
     for i in range(3):

@@ -12,13 +12,13 @@ from kvtier.storage import mapped
 from kvtier.storage.staging import StagingBuffer
 from tests.conftest import SMALL, key, random_kv
 
-needs_cachestat = pytest.mark.skipif(not mapped._CACHESTAT.available, reason="cachestat(2) needs Linux 6.5+")
+needs_cachestat = pytest.mark.skipif(not mapped._KERNEL.available, reason="cachestat(2) needs Linux 6.5+")
 
 
 def _cached_pages(path):
     fd = os.open(path, os.O_RDONLY)
     try:
-        return mapped._CACHESTAT.cached_pages(fd, os.fstat(fd).st_size)
+        return mapped._KERNEL.cached_pages(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
 
@@ -67,9 +67,9 @@ def test_staged_disk_read_of_a_cached_file_is_a_view_of_the_file(make_disk):
 
 @pytest.mark.parametrize("cached", [True, False])
 def test_corrupt_byte_in_a_staged_read_is_a_miss_and_deleted(make_disk, monkeypatch, cached):
-    if cached and not mapped._CACHESTAT.available:
+    if cached and not mapped._KERNEL.available:
         pytest.skip("cachestat(2) needs Linux 6.5+")
-    monkeypatch.setattr(mapped._CACHESTAT, "available", cached and mapped._CACHESTAT.available)
+    monkeypatch.setattr(mapped._KERNEL, "available", cached and mapped._KERNEL.available)
     disk = make_disk(1 << 30)
     disk.put(key(0), random_kv(SMALL, 4, seed=1))
     disk.put(key(1), random_kv(SMALL, 4, seed=2))
@@ -84,7 +84,7 @@ def test_corrupt_byte_in_a_staged_read_is_a_miss_and_deleted(make_disk, monkeypa
 
 
 def test_read_falls_back_when_the_kernel_cannot_say(make_disk, monkeypatch):
-    monkeypatch.setattr(mapped._CACHESTAT, "available", False)
+    monkeypatch.setattr(mapped._KERNEL, "available", False)
     disk = make_disk(1 << 30)
     kv = random_kv(SMALL, 4, seed=3)
     disk.put(key(0), kv)
@@ -111,8 +111,45 @@ def test_chain_keeps_copies_not_mapped_files(make_cpu, make_disk, with_l1):
     assert len(os.listdir("/proc/self/fd")) <= fds + 2
     assert all(torch.equal(a, b) for a, b in zip(kept, chunks, strict=True))
     assert len(os.listdir("/proc/self/fd")) <= fds + 2  # get() returns memory of its own
-    held = disk.get_into(key(0), StagingBuffer())  # a staged read is a view holding its file open
-    assert len(os.listdir("/proc/self/fd")) == fds + 1
-    del held
+    staging = StagingBuffer()
+    held = disk.get_into(key(0), staging)  # a staged read is a view of the mapped file, with no descriptor open
     assert len(os.listdir("/proc/self/fd")) == fds
+    assert _is_mapped(disk.path(key(0)))
+    del held
+    assert _is_mapped(disk.path(key(0)))  # the staging buffer holds the mapping until it is released
+    staging.take_held()
+    assert not _is_mapped(disk.path(key(0)))
     chain.close()
+
+
+def _is_mapped(path) -> bool:
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip().endswith(str(path)) for line in maps)
+
+
+@needs_cachestat
+def test_a_mapping_outlives_its_descriptor_and_goes_with_its_last_view(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 4096)
+    view = _map(path)  # the descriptor is closed by now
+    mapped.populate(view)
+    tensor = torch.frombuffer(view, dtype=torch.uint8)
+    del view
+    assert _is_mapped(path) and bytes(tensor[:256].numpy()) == bytes(range(256))
+    del tensor
+    assert not _is_mapped(path)
+
+
+def test_populate_gives_up_quietly_on_a_kernel_without_it(tmp_path, monkeypatch):
+    import ctypes
+    import errno
+
+    def refuse(address, length, advice):
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(mapped._KERNEL, "_madvise", refuse)
+    monkeypatch.setattr(mapped._KERNEL, "can_populate", True)
+    view = memoryview(bytearray(4096))
+    mapped.populate(view)  # no error: pages fault in on first use instead
+    assert mapped._KERNEL.can_populate is False
