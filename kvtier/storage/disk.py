@@ -35,7 +35,7 @@ from kvtier.errors import CorruptObjectError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.storage.filetier import FileTier, read_hashed
-from kvtier.storage.mapped import map_if_cached, populate
+from kvtier.storage.mapped import map_if_cached
 from kvtier.storage.staging import StagingBuffer
 
 # Chunks validated ahead by `get_many_into` before the first is handed over. Validation and the
@@ -85,16 +85,15 @@ class DiskTier(FileTier):
                 yield kv
 
     def _map_validated(self, key: ChunkKey) -> tuple[memoryview, Header] | None:
-        """`key`'s file mapped (page tables filled) and validated, if it is wholly in the page
+        """`key`'s file mapped (page tables filled) and validated, if it is (mostly) in the page
         cache; None otherwise; CorruptObjectError if it is corrupt."""
         try:
             with open(self._path(key), "rb", buffering=0) as f:
-                mapped = map_if_cached(f.fileno(), os.fstat(f.fileno()).st_size)
+                mapped = map_if_cached(f.fileno(), os.fstat(f.fileno()).st_size, populated=True)
         except OSError:
             return None  # the sequential read meets the error again and accounts for it
         if mapped is None:
             return None
-        populate(mapped)
         return mapped, validate_object(mapped, key, self.layout, self.codec)
 
     def _take(

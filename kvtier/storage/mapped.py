@@ -112,37 +112,58 @@ class _Kernel:
         weakref.finalize(memory, self._munmap, address, size)
         return memoryview(memory).cast("B")
 
-    def populate(self, view: memoryview) -> None:
-        """Fill the page tables of a mapping in one call."""
+    def populate(self, view: memoryview) -> bool:
+        """Fill the page tables of a mapping in one call, reading pages not in the page cache from
+        the device; False if that failed (an I/O error is then an error here, never a SIGBUS later)
+        or the kernel cannot (then pages fault in on first use)."""
         if not self.can_populate or not len(view):
-            return
+            return False
         cell = ctypes.c_char.from_buffer(view)
         address = ctypes.addressof(cell)
         del cell
-        if self._madvise(address, len(view), _MADV_POPULATE_READ) != 0:
-            err = ctypes.get_errno()
-            if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):  # before Linux 5.14: pages fault in on use
-                self.can_populate = False
+        if self._madvise(address, len(view), _MADV_POPULATE_READ) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):  # before Linux 5.14
+            self.can_populate = False
+        return False
 
 
 _KERNEL = _Kernel()
 
 
-def map_if_cached(fd: int, size: int) -> memoryview | None:
+def map_if_cached(fd: int, size: int, populated: bool = False) -> memoryview | None:
     """A private, writable (copy-on-write) mapping of the first `size` bytes of `fd` if every one
     of their pages is in the page cache; None otherwise (the caller reads with read()). It stays
-    valid after `fd` is closed, and is unmapped when the last view of it is dropped."""
+    valid after `fd` is closed, and is unmapped when the last view of it is dropped.
+
+    With `populated`, a file mostly in the page cache (half its pages or more) is mapped too, and
+    its page tables are filled now (`populate`), the missing pages read from the device by that
+    call: a failure is then a None here rather than a SIGBUS later. (DAMON-style reclaim evicts
+    a few pages of idle files; reading the whole file again for them costs more than faulting them.)"""
     if size <= 0:
         return None
     pages = -(-size // mmap.PAGESIZE)
-    if _KERNEL.cached_pages(fd, size) != pages:
+    cached = _KERNEL.cached_pages(fd, size)
+    if cached is None:
         return None
-    return _KERNEL.map(fd, size)
+    if cached == pages:
+        view = _KERNEL.map(fd, size)
+        if view is not None and populated:
+            _KERNEL.populate(view)
+        return view
+    if not populated or not _KERNEL.can_populate or cached * 2 < pages:
+        return None
+    view = _KERNEL.map(fd, size)
+    if view is None or not _KERNEL.populate(view):
+        return None  # an I/O error on a missing page: read() meets it again and reports it
+    return view
 
 
-def populate(view: memoryview) -> None:
+def populate(view: memoryview) -> bool:
     """Map every page of `view` (from `map_if_cached`) now, in one system call that several threads
-    can make at once (without the GIL), instead of one page fault per 64 KiB on first touch; a
-    no-op where the kernel cannot (before Linux 5.14). On files whose page cache is in 4 KiB pages
-    (re-read after eviction), this is most of the cost of validating a mapped object."""
-    _KERNEL.populate(view)
+    can make at once (without the GIL), instead of one page fault per 64 KiB on first touch; False
+    where the kernel cannot (before Linux 5.14) or a page could not be read. On files whose page
+    cache is in 4 KiB pages (re-read after eviction), this is most of the cost of validating a
+    mapped object."""
+    return _KERNEL.populate(view)

@@ -153,3 +153,27 @@ def test_populate_gives_up_quietly_on_a_kernel_without_it(tmp_path, monkeypatch)
     view = memoryview(bytearray(4096))
     mapped.populate(view)  # no error: pages fault in on first use instead
     assert mapped._KERNEL.can_populate is False
+
+
+@needs_cachestat
+def test_a_mostly_cached_file_is_mapped_with_its_missing_pages_read_in(tmp_path):
+    path = tmp_path / "f"
+    data = bytes(range(256)) * 65536  # 16 MiB: whole large folios leave the cache
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, len(data) // 4, os.POSIX_FADV_DONTNEED)  # a quarter leaves the page cache
+        if mapped._KERNEL.cached_pages(fd, len(data)) == len(data) // 4096:
+            pytest.skip("this filesystem keeps its pages cached")
+        assert mapped.map_if_cached(fd, len(data)) is None  # not wholly cached: read() it
+        if not mapped._KERNEL.can_populate:
+            pytest.skip("MADV_POPULATE_READ needs Linux 5.14+")
+        view = mapped.map_if_cached(fd, len(data), populated=True)  # mostly cached: map, fault the rest in now
+        assert view is not None and bytes(view) == data
+        os.posix_fadvise(fd, 0, len(data), os.POSIX_FADV_DONTNEED)
+        del view
+        if mapped._KERNEL.cached_pages(fd, len(data)) * 2 < len(data) // 4096:
+            assert mapped.map_if_cached(fd, len(data), populated=True) is None  # mostly evicted: read() it
+    finally:
+        os.close(fd)
