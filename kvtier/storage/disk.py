@@ -15,8 +15,10 @@ the cache the checksum just filled).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import TypeVar
 
 import torch
 
@@ -38,19 +40,35 @@ from kvtier.storage.filetier import FileTier, read_hashed
 from kvtier.storage.mapped import map_if_cached
 from kvtier.storage.staging import StagingBuffer
 
+_T = TypeVar("_T")
+
 # Chunks validated ahead by `get_many_into` before the first is handed over. Validation and the
 # caller's copy are both memory-bound: run side by side on two cores they slow each other down
 # (measured), so a window is validated whole, then copied out.
 VALIDATE_AHEAD = 32
+# Mapping cost (open, map, fill page tables) above which validating ahead on threads pays: files the
+# page cache holds in 4 KiB pages cost ~130 us/MB here, recently written ones (large folios) ~15.
+SLOW_MAP_US_PER_MB = 50.0
+
+
+def _done(fn: Callable[[ChunkKey], _T], key: ChunkKey) -> Future[_T]:
+    """fn(key), run now, as a completed future."""
+    future: Future[_T] = Future()
+    try:
+        future.set_result(fn(key))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 class DiskTier(FileTier):
     """Canonical chunk tensors, framed with `layout` and `codec`, in files under `root`.
 
     `get` returns memory of its own. `get_into` and `get_many_into` (the retrieve path, whose
-    caller copies each chunk out at once) read a file whose pages are all in the page cache in
-    place (mapped.py): the tensor is then a private view of the file's pages, which the staging
-    buffer holds until it is released.
+    caller copies each chunk out at once) read a file whose pages are in the page cache in place
+    (mapped.py): the tensor is then a private view of the file's pages, unmapped with its last
+    view; `get_many_into` also has the staging buffer hold the mappings until it is released (the
+    engine releases them after the request's prefill).
     """
 
     def __init__(
@@ -68,16 +86,24 @@ class DiskTier(FileTier):
         # threads (started on first use) that map and validate files ahead of the reader: page tables
         # fill in one system call and xxh3 hashes large buffers, both without the GIL
         self._validators = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), "kvtier-validate")
+        self._map_us_per_mb = 0.0  # moving estimate; starts one by one, goes ahead once mapping is slow
         super().__init__(root, capacity, policy, fsync, name)
 
     def get_many_into(self, keys: Sequence[ChunkKey], staging: StagingBuffer) -> Iterator[torch.Tensor]:
-        """get_into() for each of `keys` in order, up to the first miss; files wholly in the page
-        cache are mapped and validated on the tier's threads first, `VALIDATE_AHEAD` at a time."""
+        """get_into() for each of `keys` in order, up to the first miss. While mapping files costs
+        what 4 KiB pages cost, files are mapped and validated on the tier's threads first,
+        `VALIDATE_AHEAD` at a time; otherwise one by one, each copied out while still in the cache."""
         device = self._decode_device(staging)
-        for lo in range(0, len(keys), VALIDATE_AHEAD):
-            window = keys[lo : lo + VALIDATE_AHEAD]
-            checks = [self._validators.submit(self._map_validated, key) for key in window]
-            wait(checks)
+        lo = 0
+        while lo < len(keys):
+            ahead = self._map_us_per_mb > SLOW_MAP_US_PER_MB
+            window = keys[lo : lo + (VALIDATE_AHEAD if ahead else 1)]
+            lo += len(window)
+            if ahead:
+                checks = [self._validators.submit(self._map_validated, key) for key in window]
+                wait(checks)
+            else:
+                checks = [_done(self._map_validated, window[0])]
             for key, check in zip(window, checks, strict=True):
                 kv = self._take(key, check, staging, device)
                 if kv is None:
@@ -87,13 +113,17 @@ class DiskTier(FileTier):
     def _map_validated(self, key: ChunkKey) -> tuple[memoryview, Header] | None:
         """`key`'s file mapped (page tables filled) and validated, if it is (mostly) in the page
         cache; None otherwise; CorruptObjectError if it is corrupt."""
+        began = time.perf_counter()
         try:
             with open(self._path(key), "rb", buffering=0) as f:
-                mapped = map_if_cached(f.fileno(), os.fstat(f.fileno()).st_size, populated=True)
+                size = os.fstat(f.fileno()).st_size
+                mapped = map_if_cached(f.fileno(), size, populated=True)
         except OSError:
             return None  # the sequential read meets the error again and accounts for it
         if mapped is None:
             return None
+        cost = (time.perf_counter() - began) * 1e12 / max(size, 1)  # microseconds per MB
+        self._map_us_per_mb += 0.25 * (cost - self._map_us_per_mb)  # (racy between threads: an estimate)
         return mapped, validate_object(mapped, key, self.layout, self.codec)
 
     def _take(
@@ -131,7 +161,6 @@ class DiskTier(FileTier):
                 mapped = map_if_cached(f.fileno(), size)
                 if mapped is not None:
                     header = validate_object(mapped, key, self.layout, self.codec)
-                    staging.hold(mapped)
                     return decode_payload(header, mapped, self.codec, device), size
             header = parse_header(f.read(HEADER_SIZE))
             check_header(header, key, self.layout, self.codec)

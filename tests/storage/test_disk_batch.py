@@ -31,8 +31,10 @@ def _corrupt(path):
 
 
 @needs_cachestat
-def test_every_chunk_arrives_in_order_and_the_buffer_holds_their_mappings(make_disk, monkeypatch):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_every_chunk_arrives_in_order_and_the_buffer_holds_their_mappings(make_disk, monkeypatch, ahead):
     monkeypatch.setattr(disk_module, "VALIDATE_AHEAD", 3)  # windows of 3, 3, 1
+    monkeypatch.setattr(disk_module, "SLOW_MAP_US_PER_MB", -1.0 if ahead else 1e12)
     disk, chunks = _filled(make_disk, 7)
     staging = StagingBuffer()
     got = [kv.clone() for kv in disk.get_many_into([key(i) for i in range(7)], staging)]
@@ -95,8 +97,11 @@ def test_files_not_wholly_cached_are_read_in_their_place(make_disk, monkeypatch)
 
 
 @needs_cachestat
-def test_validation_runs_on_the_tiers_threads(make_disk, monkeypatch):
+@pytest.mark.parametrize("map_us_per_mb", [5.0, 500.0])
+def test_validation_runs_ahead_on_threads_only_while_mapping_is_slow(make_disk, monkeypatch, map_us_per_mb):
     disk, _ = _filled(make_disk, 4)
+    monkeypatch.setattr(disk_module, "SLOW_MAP_US_PER_MB", 50.0)
+    disk._map_us_per_mb = map_us_per_mb  # what the tier measured so far
     threads = set()
     real = disk_module.validate_object
 
@@ -105,8 +110,14 @@ def test_validation_runs_on_the_tiers_threads(make_disk, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(disk_module, "validate_object", recording)
-    assert len(list(disk.get_many_into([key(i) for i in range(4)], StagingBuffer()))) == 4
-    assert threads and all(name.startswith("kvtier-validate") for name in threads)
+    got = disk.get_many_into([key(i) for i in range(4)], StagingBuffer())
+    next(got)
+    if map_us_per_mb > 50:  # 4 KiB pages: spread the page-table work over the cores
+        assert all(name.startswith("kvtier-validate") for name in threads)
+    else:  # large folios: one by one, each copied out while still in the cache
+        assert threads == {threading.current_thread().name}
+    assert len(list(got)) == 3
+    assert 0 < disk._map_us_per_mb < 1e6  # the estimate follows what mapping costs
     disk.close()
 
 

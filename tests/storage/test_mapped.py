@@ -111,12 +111,15 @@ def test_chain_keeps_copies_not_mapped_files(make_cpu, make_disk, with_l1):
     assert len(os.listdir("/proc/self/fd")) <= fds + 2
     assert all(torch.equal(a, b) for a, b in zip(kept, chunks, strict=True))
     assert len(os.listdir("/proc/self/fd")) <= fds + 2  # get() returns memory of its own
-    staging = StagingBuffer()
-    held = disk.get_into(key(0), staging)  # a staged read is a view of the mapped file, with no descriptor open
+    held = disk.get_into(key(0), StagingBuffer())  # a staged read is a view of the mapped file, no descriptor open
     assert len(os.listdir("/proc/self/fd")) == fds
     assert _is_mapped(disk.path(key(0)))
     del held
-    assert _is_mapped(disk.path(key(0)))  # the staging buffer holds the mapping until it is released
+    assert not _is_mapped(disk.path(key(0)))
+    staging = StagingBuffer()
+    held = list(disk.get_many_into([key(0)], staging))
+    del held
+    assert _is_mapped(disk.path(key(0)))  # a batch read's buffer holds its mappings until released
     staging.take_held()
     assert not _is_mapped(disk.path(key(0)))
     chain.close()
