@@ -87,6 +87,7 @@ class DiskTier(FileTier):
         # fill in one system call and xxh3 hashes large buffers, both without the GIL
         self._validators = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), "kvtier-validate")
         self._map_us_per_mb = 0.0  # moving estimate; starts one by one, goes ahead once mapping is slow
+        self._mapped_once = False
         super().__init__(root, capacity, policy, fsync, name)
 
     def get_many_into(self, keys: Sequence[ChunkKey], staging: StagingBuffer) -> Iterator[torch.Tensor]:
@@ -123,7 +124,9 @@ class DiskTier(FileTier):
         if mapped is None:
             return None
         cost = (time.perf_counter() - began) * 1e12 / max(size, 1)  # microseconds per MB
-        self._map_us_per_mb += 0.25 * (cost - self._map_us_per_mb)  # (racy between threads: an estimate)
+        if self._mapped_once:  # the first mapping of a process pays one-time costs: not a sample
+            self._map_us_per_mb += 0.25 * (cost - self._map_us_per_mb)  # (racy between threads: an estimate)
+        self._mapped_once = True
         return mapped, validate_object(mapped, key, self.layout, self.codec)
 
     def _take(
