@@ -262,9 +262,10 @@ class CacheEngine:
         if self._closed:
             return
         self._prefill_done.clear()
+        deadline = time.monotonic() + _PROMOTE_WAIT_S  # from now: queued jobs must not add up their waits
 
         def run() -> int:
-            self._prefill_done.wait(_PROMOTE_WAIT_S)
+            self._prefill_done.wait(max(0.0, deadline - time.monotonic()))
             held.clear()
             return self.chain.promote(keys) if promote else 0
 
@@ -310,6 +311,7 @@ class CacheEngine:
         if self._closed:
             return
         self._closed = True
+        self._prefill_done.set()  # deferred jobs run now instead of waiting out their second
         self._prefetcher.shutdown(wait=True)
         if self.agent is not None:
             self.agent.close()

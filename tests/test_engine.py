@@ -175,6 +175,23 @@ def test_retrieve_into_releases_mapped_disk_chunks_after_the_prefill(tmp_path, m
         assert not any(map(_is_mapped, paths)) and second.chain.l1.stats.objects == 5
 
 
+def test_close_runs_deferred_releases_at_once(tmp_path, monkeypatch):
+    import time
+
+    import kvtier.engine
+
+    monkeypatch.setattr(kvtier.engine, "_PROMOTE_WAIT_S", 30.0)
+    kv = random_kv(LAYOUT, 64)
+    with engine(tmp_path) as first:
+        first.store(tokens(64), kv)
+    second = engine(tmp_path, l1={"size": 0})
+    for _ in range(3):  # three requests that store nothing: three deferred jobs queued
+        assert second.retrieve_into(tokens(64), lambda lo, hi, part: None) == 64
+    began = time.monotonic()
+    second.close()
+    assert time.monotonic() - began < 5.0
+
+
 def _is_mapped(path) -> bool:
     with open("/proc/self/maps") as maps:
         return any(line.rstrip().endswith(path) for line in maps)

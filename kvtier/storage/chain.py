@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -75,12 +75,16 @@ class TierChain:
         segments = self.locate(keys)
         end = segments[-1][2] if segments else 0
         pins = self.l1.pinned(keys[:end]) if self.l1 is not None else contextlib.nullcontext()
+        stream = self._stream(keys, segments, staging)
         with pins:
-            yield self._stream(keys, segments, staging)
+            try:
+                yield stream
+            finally:
+                stream.close()  # a consumer that stopped early (an exception) keeps no tier reads alive
 
     def _stream(
         self, keys: Sequence[ChunkKey], segments: list[Segment], staging: StagingBuffer | None
-    ) -> Iterator[torch.Tensor]:
+    ) -> Generator[torch.Tensor, None, None]:
         for tier, start, stop in segments:
             if staging is not None and isinstance(tier, StagedReader):
                 got = self._get_staged(tier, keys[start:stop], staging)

@@ -37,7 +37,7 @@ from kvtier.errors import CorruptObjectError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.storage.filetier import FileTier, read_hashed
-from kvtier.storage.mapped import map_if_cached
+from kvtier.storage.mapped import map_if_cached, populate
 from kvtier.storage.staging import StagingBuffer
 
 _T = TypeVar("_T")
@@ -46,8 +46,8 @@ _T = TypeVar("_T")
 # caller's copy are both memory-bound: run side by side on two cores they slow each other down
 # (measured), so a window is validated whole, then copied out.
 VALIDATE_AHEAD = 32
-# Mapping cost (open, map, fill page tables) above which validating ahead on threads pays: files the
-# page cache holds in 4 KiB pages cost ~130 us/MB here, recently written ones (large folios) ~15.
+# Cost of filling a mapping's page tables above which validating ahead on threads pays: files the
+# page cache holds in 4 KiB pages cost ~130 us/MB here, recently written ones (large folios) ~5.
 SLOW_MAP_US_PER_MB = 50.0
 
 
@@ -87,7 +87,6 @@ class DiskTier(FileTier):
         # fill in one system call and xxh3 hashes large buffers, both without the GIL
         self._validators = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), "kvtier-validate")
         self._map_us_per_mb = 0.0  # moving estimate; starts one by one, goes ahead once mapping is slow
-        self._mapped_once = False
         super().__init__(root, capacity, policy, fsync, name)
 
     def get_many_into(self, keys: Sequence[ChunkKey], staging: StagingBuffer) -> Iterator[torch.Tensor]:
@@ -114,20 +113,29 @@ class DiskTier(FileTier):
     def _map_validated(self, key: ChunkKey) -> tuple[memoryview, Header] | None:
         """`key`'s file mapped (page tables filled) and validated, if it is (mostly) in the page
         cache; None otherwise; CorruptObjectError if it is corrupt."""
-        began = time.perf_counter()
         try:
             with open(self._path(key), "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                mapped = map_if_cached(f.fileno(), size, populated=True)
+                fd, size = f.fileno(), os.fstat(f.fileno()).st_size
+                mapped = map_if_cached(fd, size)
+                if mapped is not None:  # wholly cached: what filling its page tables costs tells how it is held
+                    began = time.perf_counter()
+                    if not populate(mapped):
+                        return None  # evicted since, and unreadable: read() reports it
+                    self._sample_map_cost(size, time.perf_counter() - began)
+                else:  # mostly cached: the missing pages are read in by the same call
+                    mapped = map_if_cached(fd, size, populated=True)
         except OSError:
             return None  # the sequential read meets the error again and accounts for it
         if mapped is None:
             return None
-        cost = (time.perf_counter() - began) * 1e12 / max(size, 1)  # microseconds per MB
-        if self._mapped_once:  # the first mapping of a process pays one-time costs: not a sample
-            self._map_us_per_mb += 0.25 * (cost - self._map_us_per_mb)  # (racy between threads: an estimate)
-        self._mapped_once = True
         return mapped, validate_object(mapped, key, self.layout, self.codec)
+
+    def _sample_map_cost(self, size: int, seconds: float) -> None:
+        """Fold one page-table fill into the moving estimate (chunks under 1 MiB say too little)."""
+        if size < 1 << 20:
+            return
+        cost = seconds * 1e12 / size  # microseconds per MB
+        self._map_us_per_mb += 0.25 * (cost - self._map_us_per_mb)  # (racy between threads: an estimate)
 
     def _take(
         self,
@@ -145,8 +153,13 @@ class DiskTier(FileTier):
         if checked is None:  # not mapped: read() it, or account for the miss
             return self._get(key, staging)
         mapped, header = checked
+        try:
+            kv = decode_payload(header, mapped, self.codec, device)
+        except CorruptObjectError as exc:  # a payload that checks out but does not decode
+            self._missed(key, self._path(key), exc)
+            return None
         staging.hold(mapped)
-        return self._hit(key, len(mapped), decode_payload(header, mapped, self.codec, device))
+        return self._hit(key, len(mapped), kv)
 
     def close(self) -> None:
         self._validators.shutdown(wait=True)

@@ -109,15 +109,16 @@ class _Kernel:
         if address is None or address == _MAP_FAILED:
             return None
         memory = (ctypes.c_char * size).from_address(address)
-        weakref.finalize(memory, self._munmap, address, size)
+        # not at interpreter exit: a daemon thread may still read a view then; the OS unmaps it
+        weakref.finalize(memory, self._munmap, address, size).atexit = False
         return memoryview(memory).cast("B")
 
     def populate(self, view: memoryview) -> bool:
         """Fill the page tables of a mapping in one call, reading pages not in the page cache from
-        the device; False if that failed (an I/O error is then an error here, never a SIGBUS later)
-        or the kernel cannot (then pages fault in on first use)."""
+        the device; False only if that failed (a page that would SIGBUS on access: an error here
+        instead). Where the kernel cannot (before Linux 5.14), pages fault in on first use: True."""
         if not self.can_populate or not len(view):
-            return False
+            return True
         cell = ctypes.c_char.from_buffer(view)
         address = ctypes.addressof(cell)
         del cell
@@ -126,6 +127,7 @@ class _Kernel:
         err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):  # before Linux 5.14
             self.can_populate = False
+            return True
         return False
 
 
@@ -147,23 +149,18 @@ def map_if_cached(fd: int, size: int, populated: bool = False) -> memoryview | N
     cached = _KERNEL.cached_pages(fd, size)
     if cached is None:
         return None
-    if cached == pages:
-        view = _KERNEL.map(fd, size)
-        if view is not None and populated:
-            _KERNEL.populate(view)
-        return view
-    if not populated or not _KERNEL.can_populate or cached * 2 < pages:
+    if cached != pages and (not populated or not _KERNEL.can_populate or cached * 2 < pages):
         return None
     view = _KERNEL.map(fd, size)
-    if view is None or not _KERNEL.populate(view):
-        return None  # an I/O error on a missing page: read() meets it again and reports it
+    if view is None or (populated and not _KERNEL.populate(view)):
+        return None  # a page that cannot be read (evicted since, then an I/O error): read() reports it
     return view
 
 
 def populate(view: memoryview) -> bool:
     """Map every page of `view` (from `map_if_cached`) now, in one system call that several threads
     can make at once (without the GIL), instead of one page fault per 64 KiB on first touch; False
-    where the kernel cannot (before Linux 5.14) or a page could not be read. On files whose page
+    if a page could not be read (True, doing nothing, where the kernel cannot: before Linux 5.14). On files whose page
     cache is in 4 KiB pages (re-read after eviction), this is most of the cost of validating a
     mapped object."""
     return _KERNEL.populate(view)
