@@ -34,7 +34,7 @@ import weakref
 
 log = logging.getLogger("kvtier.storage.mapped")
 
-_SYS_KERNEL = 451  # in the unified table of system calls added since Linux 5.1; alpha and MIPS number apart
+_SYS_CACHESTAT = 451  # in the unified table of system calls added since Linux 5.1; alpha and MIPS number apart
 _MADV_POPULATE_READ = 22  # Linux 5.14+
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -95,7 +95,7 @@ class _Kernel:
         if not self.available:
             return None
         rng, stat = _Range(0, length), _Stat()
-        if self._syscall(_SYS_KERNEL, fd, ctypes.byref(rng), ctypes.byref(stat), 0) == 0:
+        if self._syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(stat), 0) == 0:
             return int(stat.cache)
         err = ctypes.get_errno()
         if err in (errno.ENOSYS, errno.EPERM):  # old kernel, or a seccomp filter that forbids it
@@ -160,7 +160,7 @@ def map_if_cached(fd: int, size: int, populated: bool = False) -> memoryview | N
 def populate(view: memoryview) -> bool:
     """Map every page of `view` (from `map_if_cached`) now, in one system call that several threads
     can make at once (without the GIL), instead of one page fault per 64 KiB on first touch; False
-    if a page could not be read (True, doing nothing, where the kernel cannot: before Linux 5.14). On files whose page
-    cache is in 4 KiB pages (re-read after eviction), this is most of the cost of validating a
-    mapped object."""
+    if a page could not be read (True, doing nothing, where the kernel cannot: before Linux 5.14).
+    On files whose page cache is in 4 KiB pages (re-read after eviction), this is most of the cost
+    of validating a mapped object."""
     return _KERNEL.populate(view)
