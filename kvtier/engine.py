@@ -256,11 +256,9 @@ class CacheEngine:
         its prefill) or after a second, on the background thread: release the mapped files it read
         (`held`: unmapping costs ~1 ms per 30 MB, kernel work that would otherwise sit on the
         request path) and copy those chunks into L1."""
-        if not keys and not held:
+        if self._closed or not (keys or held):
             return
         promote = self.chain.l1 is not None and bool(keys)
-        if self._closed:
-            return
         self._prefill_done.clear()
         deadline = time.monotonic() + _PROMOTE_WAIT_S  # from now: queued jobs must not add up their waits
 

@@ -37,7 +37,7 @@ from kvtier.errors import CorruptObjectError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.storage.filetier import FileTier, read_hashed
-from kvtier.storage.mapped import map_if_cached, populate
+from kvtier.storage.mapped import map_if_cached
 from kvtier.storage.staging import StagingBuffer
 
 _T = TypeVar("_T")
@@ -46,8 +46,9 @@ _T = TypeVar("_T")
 # caller's copy are both memory-bound: run side by side on two cores they slow each other down
 # (measured), so a window is validated whole, then copied out.
 VALIDATE_AHEAD = 32
-# Cost of filling a mapping's page tables above which validating ahead on threads pays: files the
-# page cache holds in 4 KiB pages cost ~130 us/MB here, recently written ones (large folios) ~5.
+# Cost of mapping a file (cachestat, mmap, page tables filled, missing pages read in) above which
+# validating ahead on threads pays: files the page cache holds in 4 KiB pages cost ~130 us/MB here,
+# partly evicted ones more, recently written ones (large folios) ~5-20.
 SLOW_MAP_US_PER_MB = 50.0
 
 
@@ -115,23 +116,20 @@ class DiskTier(FileTier):
         cache; None otherwise; CorruptObjectError if it is corrupt."""
         try:
             with open(self._path(key), "rb", buffering=0) as f:
-                fd, size = f.fileno(), os.fstat(f.fileno()).st_size
-                mapped = map_if_cached(fd, size)
-                if mapped is not None:  # wholly cached: what filling its page tables costs tells how it is held
-                    began = time.perf_counter()
-                    if not populate(mapped):
-                        return None  # evicted since, and unreadable: read() reports it
-                    self._sample_map_cost(size, time.perf_counter() - began)
-                else:  # mostly cached: the missing pages are read in by the same call
-                    mapped = map_if_cached(fd, size, populated=True)
+                size = os.fstat(f.fileno()).st_size
+                began = time.perf_counter()
+                # page tables filled, a mostly cached file's missing pages read in; None if unreadable
+                mapped = map_if_cached(f.fileno(), size, populated=True)
         except OSError:
             return None  # the sequential read meets the error again and accounts for it
         if mapped is None:
             return None
+        self._sample_map_cost(size, time.perf_counter() - began)  # what that cost tells how the file is held
         return mapped, validate_object(mapped, key, self.layout, self.codec)
 
     def _sample_map_cost(self, size: int, seconds: float) -> None:
-        """Fold one page-table fill into the moving estimate (chunks under 1 MiB say too little)."""
+        """Fold one mapping (its page-table fill, and any missing pages read in) into the moving
+        estimate (chunks under 1 MiB say too little)."""
         if size < 1 << 20:
             return
         cost = seconds * 1e12 / size  # microseconds per MB
