@@ -25,6 +25,12 @@ def random_kv(layout: KVLayout, num_tokens: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(layout.shape(num_tokens), generator=gen).to(layout.dtype)
 
 
+def is_mapped(path) -> bool:
+    """Whether this process maps the file at `path` (mapped disk reads)."""
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip().endswith(str(path)) for line in maps)
+
+
 def key(i: int, namespace: int = 0) -> ChunkKey:
     """A synthetic key."""
     return ChunkKey(namespace.to_bytes(16, "little"), i.to_bytes(16, "little"))

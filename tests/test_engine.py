@@ -8,7 +8,7 @@ import torch
 from kvtier import CacheEngine, Config, KVLayout
 from kvtier.errors import ConfigError, LayoutError, TokenError
 from kvtier.storage import mapped
-from tests.conftest import random_kv
+from tests.conftest import is_mapped, random_kv
 
 LAYOUT = KVLayout(3, 2, 8, torch.bfloat16)
 
@@ -169,10 +169,10 @@ def test_retrieve_into_releases_mapped_disk_chunks_after_the_prefill(tmp_path, m
         out = LAYOUT.empty(64)
         assert second.retrieve_into(tokens(64), lambda lo, hi, part: out[:, :, lo:hi].copy_(part)) == 64
         assert torch.equal(out, kv)
-        assert all(map(_is_mapped, paths))  # unmapping waits: it is kernel work the request need not wait for
+        assert all(map(is_mapped, paths))  # unmapping waits: it is kernel work the request need not wait for
         second.store(tokens(80), random_kv(LAYOUT, 80))  # the request stores its new chunks: prefill over
         assert second.flush(timeout=10)
-        assert not any(map(_is_mapped, paths)) and second.chain.l1.stats.objects == 5
+        assert not any(map(is_mapped, paths)) and second.chain.l1.stats.objects == 5
 
 
 def test_close_runs_deferred_releases_at_once(tmp_path, monkeypatch):
@@ -190,11 +190,6 @@ def test_close_runs_deferred_releases_at_once(tmp_path, monkeypatch):
     began = time.monotonic()
     second.close()
     assert time.monotonic() - began < 5.0
-
-
-def _is_mapped(path) -> bool:
-    with open("/proc/self/maps") as maps:
-        return any(line.rstrip().endswith(path) for line in maps)
 
 
 def test_prefetch_promotes_into_l1(tmp_path):

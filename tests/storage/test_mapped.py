@@ -10,7 +10,7 @@ import torch
 from benchmarks.tiers import _evict
 from kvtier.storage import mapped
 from kvtier.storage.staging import StagingBuffer
-from tests.conftest import SMALL, key, random_kv
+from tests.conftest import SMALL, is_mapped, key, random_kv
 
 needs_cachestat = pytest.mark.skipif(not mapped._KERNEL.available, reason="cachestat(2) needs Linux 6.5+")
 
@@ -32,7 +32,7 @@ def _map(path):
 
 
 @needs_cachestat
-def test_cached_file_is_mapped_copy_on_write(tmp_path):
+def test_cached_fileis_mapped_copy_on_write(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(bytes(range(256)) * 64)
     view = _map(path)
@@ -113,21 +113,16 @@ def test_chain_keeps_copies_not_mapped_files(make_cpu, make_disk, with_l1):
     assert len(os.listdir("/proc/self/fd")) <= fds + 2  # get() returns memory of its own
     held = disk.get_into(key(0), StagingBuffer())  # a staged read is a view of the mapped file, no descriptor open
     assert len(os.listdir("/proc/self/fd")) == fds
-    assert _is_mapped(disk.path(key(0)))
+    assert is_mapped(disk.path(key(0)))
     del held
-    assert not _is_mapped(disk.path(key(0)))
+    assert not is_mapped(disk.path(key(0)))
     staging = StagingBuffer()
     held = list(disk.get_many_into([key(0)], staging))
     del held
-    assert _is_mapped(disk.path(key(0)))  # a batch read's buffer holds its mappings until released
+    assert is_mapped(disk.path(key(0)))  # a batch read's buffer holds its mappings until released
     staging.take_held()
-    assert not _is_mapped(disk.path(key(0)))
+    assert not is_mapped(disk.path(key(0)))
     chain.close()
-
-
-def _is_mapped(path) -> bool:
-    with open("/proc/self/maps") as maps:
-        return any(line.rstrip().endswith(str(path)) for line in maps)
 
 
 @needs_cachestat
@@ -138,9 +133,9 @@ def test_a_mapping_outlives_its_descriptor_and_goes_with_its_last_view(tmp_path)
     mapped.populate(view)
     tensor = torch.frombuffer(view, dtype=torch.uint8)
     del view
-    assert _is_mapped(path) and bytes(tensor[:256].numpy()) == bytes(range(256))
+    assert is_mapped(path) and bytes(tensor[:256].numpy()) == bytes(range(256))
     del tensor
-    assert not _is_mapped(path)
+    assert not is_mapped(path)
 
 
 def test_populate_gives_up_quietly_on_a_kernel_without_it(tmp_path, monkeypatch):
@@ -159,7 +154,7 @@ def test_populate_gives_up_quietly_on_a_kernel_without_it(tmp_path, monkeypatch)
 
 
 @needs_cachestat
-def test_a_mostly_cached_file_is_mapped_with_its_missing_pages_read_in(tmp_path):
+def test_a_mostly_cached_fileis_mapped_with_its_missing_pages_read_in(tmp_path):
     path = tmp_path / "f"
     data = bytes(range(256)) * 65536  # 16 MiB: whole large folios leave the cache
     path.write_bytes(data)
