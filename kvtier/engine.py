@@ -24,7 +24,7 @@ from kvtier.codec import canonical, get_codec
 from kvtier.config import Config
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.keys import Chunk, ChunkHasher, ChunkKey, make_namespace, token_bytes
-from kvtier.layout import KVLayout
+from kvtier.layout import KVLayout, is_head_major
 from kvtier.logutil import setup_logging
 from kvtier.storage.base import Tier
 from kvtier.storage.chain import TierChain
@@ -167,7 +167,7 @@ class CacheEngine:
             raise LayoutError(f"KV covers tokens [{start}, {end}) but only {len(tokens)} tokens were given")
 
         def gather(lo: int, hi: int) -> torch.Tensor:
-            out = torch.empty(self.layout.shape(hi - lo), dtype=kv.dtype)
+            out = self.layout.empty(hi - lo, head_major=is_head_major(kv))  # in the caller's memory order
             return out.copy_(kv[:, :, lo - start : hi - start])
 
         return self.store_chunks(tokens, gather, start, end)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.adapters.paged import PagedKV, block_runs, expected_shape
+from kvtier.adapters.paged import HEAD_MAJOR_KINDS, PagedKV, block_runs, expected_shape
 from kvtier.errors import LayoutError
-from kvtier.layout import KVLayout
+from kvtier.layout import KVLayout, is_head_major
 
 BS = 4
 MHA = KVLayout(3, 2, 8, torch.bfloat16)
@@ -116,3 +116,18 @@ def test_bad_inputs():
         paged.gather(torch.tensor([1, 2]), 0, 12)
     with pytest.raises(LayoutError, match="dtype"):
         paged.scatter(torch.tensor([1, 2]), 0, torch.zeros(MHA.shape(8)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gather_order_follows_the_layout_and_scatter_takes_either(kind):
+    layout = layout_for(kind)
+    source = make_caches(kind, seed=3)
+    ids = torch.tensor(BLOCK_IDS["two runs"])
+    kv = PagedKV(kind, layout, source, BS).gather(ids, 0, 2 * BS)
+    heads_apart = kind in HEAD_MAJOR_KINDS and layout.num_kv_heads > 1
+    assert is_head_major(kv) == heads_apart and kv.is_contiguous() != heads_apart
+    for order in (True, False):  # a chunk in the other order (another engine wrote it) scatters alike
+        other = layout.empty(2 * BS, head_major=order).copy_(kv)
+        target = PagedKV(kind, layout, make_caches(kind, seed=4), BS)
+        target.scatter(torch.tensor(DST_IDS["two runs"]), 0, other)
+        assert torch.equal(target.gather(torch.tensor(DST_IDS["two runs"]), 0, 2 * BS), kv)

@@ -68,8 +68,9 @@ def load_prefix(model: Any, engine: CacheEngine, tokens: Any, num_tokens: int) -
 
 
 def gather_chunk(cache: Any, layout: KVLayout, start: int, end: int) -> torch.Tensor:
-    """A fresh canonical CPU tensor of tokens [start, end) of batch row 0 of `cache`."""
-    out = layout.empty(end - start)
+    """A fresh canonical CPU tensor of tokens [start, end) of batch row 0 of `cache` (head-major,
+    like the cache: one contiguous copy per layer and plane)."""
+    out = layout.empty(end - start, head_major=True)
     for layer in range(layout.num_layers):
         k, v = layer_kv(cache, layer)
         out[0, layer].copy_(k[0, :, start:end].transpose(0, 1))

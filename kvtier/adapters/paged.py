@@ -15,7 +15,10 @@ Layouts (per layer):
 - ``flash_hnd``:  `[2, num_blocks, kv_heads, block_size, head_dim]`
 - ``flashinfer``: `[num_blocks, 2, block_size, kv_heads, head_dim]`
 - ``mla``:        `[num_blocks, block_size, latent_dim]` (one latent per token; canonical planes = 1)
-All are plain torch ops, so they run on any device.
+All are plain torch ops, so they run on any device. `gather` returns head-major chunks (see
+kvtier.layout) for the layouts that keep each head's tokens of a block together (``cpu``,
+``flash_hnd``), so that both directions copy whole `block_size x head_dim` runs; token-major for
+the others.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def _flashinfer(cache: torch.Tensor, layout: KVLayout, block_size: int) -> torch
 def _mla(cache: torch.Tensor, layout: KVLayout, block_size: int) -> torch.Tensor:
     return cache.unsqueeze(1).unsqueeze(3)
 
+
+# layouts whose blocks hold each head's tokens contiguously: their chunks are gathered head-major
+HEAD_MAJOR_KINDS = frozenset({"cpu", "flash_hnd"})
 
 BLOCK_VIEWS: dict[str, BlockView] = {
     "cpu": _cpu,
@@ -112,7 +118,7 @@ class PagedKV:
         """Canonical KV (on this device) of the request's tokens [start, end)."""
         ids, _ = self._blocks(block_ids, start, end)
         n = len(ids) * self.block_size
-        out = torch.empty(self.layout.shape(n), dtype=self.layout.dtype, device=self.device)
+        out = self.layout.empty(n, self.device, head_major=self.kind in HEAD_MAJOR_KINDS)
         runs = block_runs(ids)
         # [layers, blocks, planes, block_size, h, d]
         blocks = out.unflatten(2, (len(ids), self.block_size)).permute(1, 2, 0, 3, 4, 5)

@@ -23,7 +23,7 @@ import torch
 
 from kvtier.codec.spec import CODEC_IDS, CODECS, CodecSpec, canonical, parse_spec
 
-PARAMS_SIZE = 16  # bytes of codec parameters in every object header (zeros for raw)
+PARAMS_SIZE = 16  # bytes of codec parameters in every object header (raw: its memory order)
 
 
 class Codec(Protocol):
@@ -32,7 +32,11 @@ class Codec(Protocol):
     name: str  # registered name ("kivi-2")
     codec_id: int  # header id of the codec family
     spec: str  # canonical spec with every option ("kivi-2:group=64"): part of key namespaces
-    params: bytes  # PARAMS_SIZE bytes written into each object's header
+    params: bytes  # PARAMS_SIZE bytes: this codec's parameters (what decode assumes when given None)
+
+    def params_for(self, kv: torch.Tensor) -> bytes:
+        """The PARAMS_SIZE bytes written into the header of `kv`'s payload (raw adds its memory order)."""
+        ...
 
     def encode(self, kv: torch.Tensor) -> memoryview:
         """Payload bytes of a canonical tensor (computed on its device)."""

@@ -70,6 +70,10 @@ class CacheGenCodec:
 
     # --- encoding --------------------------------------------------------------------------------
 
+    def params_for(self, kv: torch.Tensor) -> bytes:
+        """The header parameters of `kv`'s payload: this codec's own (any memory order is encoded alike)."""
+        return self.params
+
     def encode(self, kv: torch.Tensor) -> memoryview:
         """Grids, checksum, stream records, tables and streams of a canonical tensor."""
         planes, layers, tokens = kv.shape[:3]

@@ -81,6 +81,10 @@ class FP8Codec:
         check_finite(amax, self.name)
         return torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))
 
+    def params_for(self, kv: torch.Tensor) -> bytes:
+        """The header parameters of `kv`'s payload: this codec's own (any memory order is encoded alike)."""
+        return self.params
+
     def encode(self, kv: torch.Tensor) -> memoryview:
         """Scales, then codes, computed on kv's device."""
         x = kv.float()

@@ -7,7 +7,8 @@ Header (128 bytes, little-endian):
     zero padding | header xxh3-64 u64 (the last 8 bytes, over the 120 before them)
 The key is inside the header, so an object served for the wrong key is rejected too. The codec
 parameters (bit widths, group sizes, scale axes: each codec documents its 16 bytes) sit in what was
-zero padding in the first raw-only objects, so those still read: raw's parameters are all zeros.
+zero padding in the first raw-only objects, so those still read: raw's parameters are all zeros
+for token-major chunks (and name the memory order of head-major ones, see kvtier.layout).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def pack_header(key: ChunkKey, layout: KVLayout, codec: Codec, kv: torch.Tensor,
     body = _BODY.pack(
         MAGIC, VERSION, codec.codec_id, 0, dtype_code(kv.dtype), kv.dim(), *shape, kv.shape[2],
         payload.nbytes, layout_tag(layout), key.namespace, key.digest, xxhash.xxh3_128_digest(payload),
-        codec.params,
+        codec.params_for(kv),
     )  # fmt: skip
     body += bytes(_PAD)
     return body + _CRC.pack(xxhash.xxh3_64_intdigest(body))

@@ -83,6 +83,10 @@ class KIVICodec:
         x = kv[plane].float()
         return (_key_groups(x, bits_group), 2) if plane == 0 else (_value_groups(x, bits_group), 3)
 
+    def params_for(self, kv: torch.Tensor) -> bytes:
+        """The header parameters of `kv`'s payload: this codec's own (any memory order is encoded alike)."""
+        return self.params
+
     def encode(self, kv: torch.Tensor) -> memoryview:
         """Codes and grids of both planes, computed on kv's device."""
         levels = (1 << self.bits) - 1

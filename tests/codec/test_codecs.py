@@ -12,7 +12,7 @@ import xxhash
 from kvtier.codec import PARAMS_SIZE, get_codec
 from kvtier.codec.framing import _BODY, _CRC, HEADER_SIZE, decode_object, encode_object, parse_header
 from kvtier.errors import CodecError, CorruptObjectError
-from kvtier.layout import KVLayout
+from kvtier.layout import KVLayout, is_head_major
 from tests.codec.conftest import LOSSY, MODEL_LIKE, model_like_kv
 from tests.conftest import key, random_kv
 
@@ -115,6 +115,34 @@ def test_every_single_byte_corruption_of_an_object_is_rejected(spec):
             decode_object(bad, key(1), layout, codec)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_a_head_major_chunk_encodes_like_its_token_major_copy(spec, layout):
+    kv = random_kv(layout, 13)
+    head_major = layout.empty(13, head_major=True).copy_(kv)
+    assert torch.equal(head_major, kv) and is_head_major(head_major) == (layout.num_kv_heads > 1)
+    codec = get_codec(spec)
+    header, payload = encode_object(key(1), layout, codec, head_major)
+    out = decode_object(bytearray(header + payload.tobytes()), key(1), layout, codec)
+    token_major = decode_object(bytearray(b"".join(map(bytes, encode_object(key(1), layout, codec, kv)))), key(1),
+                                layout, codec)  # fmt: skip
+    assert torch.equal(out, token_major)
+    if spec == "raw":  # stored in its own order, read back as a view in that order: no copy either way
+        assert bytes(payload) == head_major.transpose(2, 3).reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert is_head_major(out) == is_head_major(head_major)
+        assert parse_header(header).params[0] == is_head_major(head_major)
+    else:  # the other codecs' payloads do not depend on the memory order
+        assert bytes(payload) == bytes(codec.encode(kv)) and parse_header(header).params == codec.params
+
+
+def test_raw_reads_token_major_objects_written_before_head_major_ones():
+    layout = LAYOUTS["bf16"]
+    kv = random_kv(layout, 7)
+    codec = get_codec("raw")
+    data = reframe(bytearray(b"".join(map(bytes, encode_object(key(1), layout, codec, kv)))), params=bytes(PARAMS_SIZE))
+    out = decode_object(data, key(1), layout, codec)
+    assert torch.equal(out, kv) and out.is_contiguous()
+
+
 def reframe(data: bytearray, params: bytes | None = None, payload: bytes | None = None) -> bytearray:
     """`data` with other params or payload, with the header's checksums made valid again."""
     fields = list(_BODY.unpack_from(data))
@@ -131,7 +159,8 @@ def test_malformed_params_with_a_valid_header_are_rejected(spec):
     codec = get_codec(spec)
     header, payload = encode_object(key(1), layout, codec, random_kv(layout, 9))
     data = bytearray(header + payload.tobytes())
-    for params in (b"\xff" * PARAMS_SIZE, bytes([codec.params[0] + 1]) + codec.params[1:], codec.params[:-1] + b"\x07"):
+    first = codec.params[0] + (2 if spec == "raw" else 1)  # raw's 1 is a valid memory order (head-major)
+    for params in (b"\xff" * PARAMS_SIZE, bytes([first]) + codec.params[1:], codec.params[:-1] + b"\x07"):
         with pytest.raises(CorruptObjectError):
             decode_object(reframe(data, params=params), key(1), layout, codec)
 

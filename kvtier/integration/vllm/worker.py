@@ -15,6 +15,7 @@ from kvtier.adapters.paged import PagedKV
 from kvtier.engine import CacheEngine
 from kvtier.errors import LayoutError
 from kvtier.integration.vllm.plan import LoadSpec, StepPlan, StoreSpec
+from kvtier.layout import compact
 
 log = logging.getLogger("kvtier.vllm.worker")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -100,7 +101,7 @@ class Worker:
         ids = torch.tensor(spec.block_ids, dtype=torch.long)
 
         def gather(lo: int, hi: int) -> torch.Tensor:
-            return paged.gather(ids, lo, hi).to("cpu").contiguous()
+            return compact(paged.gather(ids, lo, hi).to("cpu"))  # a partial last block was gathered whole
 
         return self.engine.store_chunks(spec.tokens, gather, spec.start, spec.end)
 
