@@ -73,6 +73,8 @@ def gather_chunk(cache: Any, layout: KVLayout, start: int, end: int) -> torch.Te
     out = layout.empty(end - start, head_major=True)
     for layer in range(layout.num_layers):
         k, v = layer_kv(cache, layer)
-        out[0, layer].copy_(k[0, :, start:end].transpose(0, 1))
-        out[1, layer].copy_(v[0, :, start:end].transpose(0, 1))
+        # [heads, tokens, dim] on both sides: a strided copy on the CPU; from a GPU, the source is
+        # made contiguous there and lands with one device-to-host copy
+        out[0, layer].transpose(0, 1).copy_(k[0, :, start:end])
+        out[1, layer].transpose(0, 1).copy_(v[0, :, start:end])
     return out

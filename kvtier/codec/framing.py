@@ -9,6 +9,12 @@ The key is inside the header, so an object served for the wrong key is rejected 
 parameters (bit widths, group sizes, scale axes: each codec documents its 16 bytes) sit in what was
 zero padding in the first raw-only objects, so those still read: raw's parameters are all zeros
 for token-major chunks (and name the memory order of head-major ones, see kvtier.layout).
+
+Format version 2 marks an object whose parameters differ from its codec's own: a raw head-major
+chunk, which readers from before codec parameters would take for a token-major one (they ignored
+those bytes). Every kvtier reader checks the version, so those reject it as corrupt (a miss; the
+tier deletes it) instead of returning wrong KV. Everything else is written as version 1, byte for
+byte what it was.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from kvtier.layout import KVLayout, dtype_code, dtype_from_code
 
 MAGIC = b"KVTR"
 VERSION = 1
+PARAMS_VERSION = 2  # the object's codec parameters are not its codec's own (raw head-major)
+_READABLE = (VERSION, PARAMS_VERSION)
 HEADER_SIZE = 128
 _BODY = struct.Struct(f"<4sHHHBB5IIQ8s16s16s16s{PARAMS_SIZE}s")
 _PAD = HEADER_SIZE - 8 - _BODY.size
@@ -37,6 +45,7 @@ _CRC = struct.Struct("<Q")
 class Header:
     """The decoded header of a stored object."""
 
+    version: int
     codec_id: int
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -57,10 +66,11 @@ def layout_tag(layout: KVLayout) -> bytes:
 def pack_header(key: ChunkKey, layout: KVLayout, codec: Codec, kv: torch.Tensor, payload: memoryview) -> bytes:
     """Header bytes for `payload`, the encoding of canonical tensor `kv` under `key`."""
     shape = tuple(kv.shape) + (0,) * (5 - kv.dim())
+    params = codec.params_for(kv)
     body = _BODY.pack(
-        MAGIC, VERSION, codec.codec_id, 0, dtype_code(kv.dtype), kv.dim(), *shape, kv.shape[2],
-        payload.nbytes, layout_tag(layout), key.namespace, key.digest, xxhash.xxh3_128_digest(payload),
-        codec.params_for(kv),
+        MAGIC, VERSION if params == codec.params else PARAMS_VERSION, codec.codec_id, 0, dtype_code(kv.dtype),
+        kv.dim(), *shape, kv.shape[2], payload.nbytes, layout_tag(layout), key.namespace, key.digest,
+        xxhash.xxh3_128_digest(payload), params,
     )  # fmt: skip
     body += bytes(_PAD)
     return body + _CRC.pack(xxhash.xxh3_64_intdigest(body))
@@ -77,7 +87,7 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
         raise CorruptObjectError("header checksum mismatch")
     fields = _BODY.unpack_from(head)
     version, codec_id, _flags, dcode, ndim = fields[1:6]
-    if version != VERSION:
+    if version not in _READABLE:
         raise CorruptObjectError(f"unsupported format version {version}")
     if codec_id not in CODEC_IDS:
         raise CorruptObjectError(f"unknown codec id {codec_id}")
@@ -92,7 +102,7 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
     if num_tokens != shape[2]:
         raise CorruptObjectError(f"num_tokens {num_tokens} does not match shape {shape}")
     key = ChunkKey(namespace, digest)
-    return Header(codec_id, dtype, shape, num_tokens, payload_len, layout, key, checksum, params)
+    return Header(version, codec_id, dtype, shape, num_tokens, payload_len, layout, key, checksum, params)
 
 
 def check_header(header: Header, key: ChunkKey, layout: KVLayout, codec: Codec) -> None:

@@ -4,8 +4,8 @@ A chunk is stored in the memory order it comes in (see kvtier.layout): token-maj
 parameters all zeros, as in every raw object before head-major ones existed) or head-major
 (`[planes, layers, heads, tokens, dim]`; the first parameter byte is 1). Decoding gives back the
 canonical shape as a view in the stored order, so a reader whose engine keeps heads together copies
-whole blocks. Versions of kvtier before head-major objects reject them as corrupt (a miss, never
-wrong KV): their raw decoder accepts no parameters.
+whole blocks. Head-major objects are framed as format version 2 (see framing.py), which versions
+of kvtier before them reject as corrupt: a miss (their tier deletes the object), never wrong KV.
 """
 
 from __future__ import annotations

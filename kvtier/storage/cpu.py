@@ -1,7 +1,8 @@
 """L1: chunk tensors in CPU memory under a byte budget, with a pluggable eviction policy.
 
-Tensors are held as they are (decoded, contiguous), so a hit costs one memory copy into the
-caller's buffer. Chunks being read are pinned and never evicted. All operations take one lock.
+Tensors are held as they are (decoded, token-major or head-major: see kvtier.layout), so a hit
+costs one memory copy into the caller's buffer. Chunks being read are pinned and never evicted.
+All operations take one lock.
 """
 
 from __future__ import annotations

@@ -130,8 +130,11 @@ def test_a_head_major_chunk_encodes_like_its_token_major_copy(spec, layout):
         assert bytes(payload) == head_major.transpose(2, 3).reshape(-1).view(torch.uint8).numpy().tobytes()
         assert is_head_major(out) == is_head_major(head_major)
         assert parse_header(header).params[0] == is_head_major(head_major)
+        # version 2, which readers from before codec parameters (they ignored them) reject
+        assert parse_header(header).version == (2 if is_head_major(head_major) else 1)
     else:  # the other codecs' payloads do not depend on the memory order
         assert bytes(payload) == bytes(codec.encode(kv)) and parse_header(header).params == codec.params
+        assert parse_header(header).version == 1
 
 
 def test_raw_reads_token_major_objects_written_before_head_major_ones():

@@ -80,3 +80,19 @@ def test_objects_of_the_raw_only_format_still_read():
     data = bytearray(body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)) + payload)
     assert data == frame(kv)  # raw objects are byte for byte what they were
     assert torch.equal(decode_object(data, key(1), LAYOUT, RawCodec()), kv)
+
+
+def test_head_major_objects_are_version_2_and_no_other_version_reads():
+    layout = KVLayout(3, 2, 8, torch.float32)
+    kv = random_kv(layout, 6)
+    head_major = layout.empty(6, head_major=True).copy_(kv)
+    data = frame(head_major, layout=layout)
+    assert parse_header(data).version == 2 and parse_header(frame(kv, layout=layout)).version == 1
+    assert torch.equal(decode_object(data, key(1), layout, RawCodec()), kv)
+    for version in (0, 3, 0xFFFF):  # a valid header checksum over an unknown version
+        data[4:6] = struct.pack("<H", version)
+        data[HEADER_SIZE - 8 : HEADER_SIZE] = struct.pack(
+            "<Q", xxhash.xxh3_64_intdigest(bytes(data[: HEADER_SIZE - 8]))
+        )
+        with pytest.raises(CorruptObjectError, match=f"unsupported format version {version}"):
+            decode_object(data, key(1), layout, RawCodec())
