@@ -45,16 +45,16 @@ def test_cluster_keys_spread_over_every_master(servers, tmp_path):
 @pytest.mark.parametrize("kind", ["redis+cluster", "redis+sentinel"])
 def test_a_hung_node_costs_one_deadline(kind, servers, tmp_path):
     """redis-py would re-send a timed-out cluster pipeline command by command: the deadline holds."""
-    url = url_of(kind, servers, tmp_path)
-    tier = make_tier(url, lookup_timeout=0.1, timeout=0.3, backoff=5.0, backoff_max=5.0)
+    tier = make_tier(url_of(kind, servers, tmp_path), lookup_timeout=0.1, timeout=0.3, backoff=5.0, backoff_max=5.0)
     keys = [key(i, namespace=80) for i in range(32)]  # some on every master
     for k in keys:
-        assert tier.put(k, random_kv(SMALL, 1))  # (this also connects the tier to every master)
-    # all stored, seen through a second tier whose deadline a busy 2-core machine cannot miss
-    # (a 0.1 s lookup that misses here would be a flake, not the behaviour under test)
-    check = make_tier(url, lookup_timeout=5.0, timeout=5.0)
-    assert check.prefix_len(keys) == 32
-    check.close()
+        assert tier.put(k, random_kv(SMALL, 1))
+    # the first lookup also warms the lookup path; on a busy 2-core machine it can miss its 0.1 s
+    # deadline (a flake, not the behaviour under test): then the tier retries after its backoff
+    if tier.prefix_len(keys) != 32:
+        time.sleep(5.2)
+        assert tier.prefix_len(keys) == 32
+    errors, unavailable = tier.stats.errors, tier.stats.unavailable
     with paused(servers[kind].victim()):  # (shorter than the sentinel's 1 s down-after: no failover)
         start = time.monotonic()
         assert tier.prefix_len(keys) == 0
@@ -65,7 +65,7 @@ def test_a_hung_node_costs_one_deadline(kind, servers, tmp_path):
     tier.close()
     assert first < 0.1 + 0.1, f"lookup took {first:.3f} s against a 0.1 s deadline"
     assert rest < 0.05, f"calls while marked down took {rest:.3f} s"
-    assert tier.stats.errors == 1 and tier.stats.unavailable == 1
+    assert tier.stats.errors - errors == 1 and tier.stats.unavailable - unavailable == 1
 
 
 def test_sentinel_failover_moves_the_tier_to_the_promoted_replica():
