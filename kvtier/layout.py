@@ -9,8 +9,8 @@ contiguous) or *head-major*, the transposed view of a contiguous `[planes, layer
 head_dim]` tensor, where each head's tokens are contiguous. Engines that keep each head's tokens
 together (vLLM's CPU backend, FlashAttention's HND layout, transformers' `[batch, heads, tokens,
 dim]` caches) gather and scatter head-major chunks as whole-block copies, where a token-major chunk
-costs one strided copy per head-dim row (measured 1.5x slower on vLLM's CPU layout). The raw codec
-stores either order as it is and says which in its header parameters.
+costs one strided copy per head-dim row (1.1x slower into vLLM's CPU layout: benchmarks/paged.py).
+The raw codec stores either order as it is and says which in its header parameters.
 """
 
 from __future__ import annotations
@@ -144,8 +144,4 @@ def compact(kv: torch.Tensor, head_major: bool | None = None) -> torch.Tensor:
         return kv
     if head_major is None:
         head_major = kv.stride(3) > kv.stride(2)
-    if not head_major:
-        return kv.contiguous()
-    out = torch.empty((kv.shape[0], kv.shape[1], kv.shape[3], kv.shape[2], kv.shape[4]), dtype=kv.dtype,
-                      device=kv.device).transpose(2, 3)  # fmt: skip
-    return out.copy_(kv)
+    return kv.transpose(2, 3).contiguous().transpose(2, 3) if head_major else kv.contiguous()

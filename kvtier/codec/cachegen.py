@@ -33,7 +33,17 @@ import torch
 import xxhash
 
 from kvtier.codec import entropy
-from kvtier.codec.grid import as_dtype, dequantize, fit_grid, grid_bound, join, quantize, rounding_bound, split
+from kvtier.codec.grid import (
+    OwnParams,
+    as_dtype,
+    dequantize,
+    fit_grid,
+    grid_bound,
+    join,
+    quantize,
+    rounding_bound,
+    split,
+)
 from kvtier.codec.spec import CodecSpec, parse_spec
 from kvtier.errors import CorruptObjectError
 
@@ -50,7 +60,7 @@ def _bits_bytes(groups: tuple[int, ...]) -> bytes:
     return bytes(groups) + bytes(4 - len(groups))
 
 
-class CacheGenCodec:
+class CacheGenCodec(OwnParams):
     """Layer-group quantization + anchor deltas + range coding."""
 
     codec_id = 4
@@ -69,10 +79,6 @@ class CacheGenCodec:
         )  # fmt: skip
 
     # --- encoding --------------------------------------------------------------------------------
-
-    def params_for(self, kv: torch.Tensor) -> bytes:
-        """The header parameters of `kv`'s payload: this codec's own (any memory order is encoded alike)."""
-        return self.params
 
     def encode(self, kv: torch.Tensor) -> memoryview:
         """Grids, checksum, stream records, tables and streams of a canonical tensor."""

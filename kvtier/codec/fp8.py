@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.codec.grid import as_dtype, check_finite, join, rounding_bound, split
+from kvtier.codec.grid import OwnParams, as_dtype, check_finite, join, rounding_bound, split
 from kvtier.codec.spec import CodecSpec, parse_spec
 from kvtier.errors import CorruptObjectError
 
@@ -63,7 +63,7 @@ def _scale_dim(axis: int) -> int:
     return 2 if axis == 1 else 4  # channel: reduce over tokens; token: over head_dim
 
 
-class FP8Codec:
+class FP8Codec(OwnParams):
     """float8 values (e4m3 or e5m2) with a float32 scale per channel or per token."""
 
     codec_id = 2
@@ -80,10 +80,6 @@ class FP8Codec:
         amax = x.abs().amax(_scale_dim(axis), keepdim=True)
         check_finite(amax, self.name)
         return torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))
-
-    def params_for(self, kv: torch.Tensor) -> bytes:
-        """The header parameters of `kv`'s payload: this codec's own (any memory order is encoded alike)."""
-        return self.params
 
     def encode(self, kv: torch.Tensor) -> memoryview:
         """Scales, then codes, computed on kv's device."""

@@ -16,6 +16,18 @@ import torch
 
 from kvtier.errors import CodecError, CorruptObjectError
 
+
+class OwnParams:
+    """`params_for` of a codec that encodes every memory order of a chunk alike (the lossy ones):
+    its header parameters are its own."""
+
+    params: bytes
+
+    def params_for(self, kv: torch.Tensor) -> bytes:
+        """The header parameters of `kv`'s payload: this codec's own."""
+        return self.params
+
+
 _F16_TINY = 2.0**-24  # the smallest positive float16 (a subnormal): the least step a grid has
 _F32_SLACK = 2.0**-21  # float32 arithmetic of quantize/dequantize, relative to the values' magnitude
 

@@ -23,6 +23,7 @@ import struct
 import torch
 
 from kvtier.codec.grid import (
+    OwnParams,
     as_dtype,
     dequantize,
     fit_grid,
@@ -65,7 +66,7 @@ def _value_groups(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], -1, group)
 
 
-class KIVICodec:
+class KIVICodec(OwnParams):
     """2- or 4-bit asymmetric quantization: keys per channel, values per token."""
 
     codec_id = 3
@@ -82,10 +83,6 @@ class KIVICodec:
         """(plane's values in groups, the dim the groups reduce over)."""
         x = kv[plane].float()
         return (_key_groups(x, bits_group), 2) if plane == 0 else (_value_groups(x, bits_group), 3)
-
-    def params_for(self, kv: torch.Tensor) -> bytes:
-        """The header parameters of `kv`'s payload: this codec's own (any memory order is encoded alike)."""
-        return self.params
 
     def encode(self, kv: torch.Tensor) -> memoryview:
         """Codes and grids of both planes, computed on kv's device."""
