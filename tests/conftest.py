@@ -8,6 +8,7 @@ import torch
 from kvtier.codec.raw import RawCodec
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
+from kvtier.storage import mapped
 from kvtier.storage.cpu import CPUTier
 from kvtier.storage.disk import DiskTier
 
@@ -23,6 +24,9 @@ def random_kv(layout: KVLayout, num_tokens: int, seed: int = 0) -> torch.Tensor:
     """Deterministic canonical KV with distinct values everywhere."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(layout.shape(num_tokens), generator=gen).to(layout.dtype)
+
+
+needs_cachestat = pytest.mark.skipif(not mapped._KERNEL.available, reason="cachestat(2) needs Linux 6.5+")
 
 
 def is_mapped(path) -> bool:

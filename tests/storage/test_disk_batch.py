@@ -11,9 +11,7 @@ from kvtier.storage import disk as disk_module
 from kvtier.storage import mapped
 from kvtier.storage.chain import TierChain
 from kvtier.storage.staging import StagingBuffer
-from tests.conftest import SMALL, key, random_kv
-
-needs_cachestat = pytest.mark.skipif(not mapped._KERNEL.available, reason="cachestat(2) needs Linux 6.5+")
+from tests.conftest import SMALL, key, needs_cachestat, random_kv
 
 
 def _filled(make_disk, n):

@@ -10,9 +10,7 @@ import torch
 from benchmarks.tiers import _evict
 from kvtier.storage import mapped
 from kvtier.storage.staging import StagingBuffer
-from tests.conftest import SMALL, is_mapped, key, random_kv
-
-needs_cachestat = pytest.mark.skipif(not mapped._KERNEL.available, reason="cachestat(2) needs Linux 6.5+")
+from tests.conftest import SMALL, is_mapped, key, needs_cachestat, random_kv
 
 
 def _cached_pages(path):
