@@ -176,19 +176,27 @@ class CacheEngine:
         """Store chunks of tokens[start:end] whose KV `gather(lo, hi)` returns (a fresh CPU tensor).
 
         Chunks already in L1 are skipped without calling `gather`. Returns tokens newly stored.
+        Every chunk is gathered before any is handed to the tiers (L1 now, lower tiers on their
+        writer threads): a writer encoding and writing files while the gather copies run takes a
+        core from torch's OpenMP copies, which then wait for each other (on 2 cores a cold 8k-token
+        store in vLLM took 0.46-1.0 s that way, against 0.07-0.12 s gathered first).
         """
         began = time.perf_counter()
         end = len(tokens) if end is None else end
         chunks = self.chunks(tokens if end == len(tokens) else tokens[:end], start)
         l1 = self.chain.l1
-        stored = 0
-        for chunk in chunks:
-            if l1 is not None and l1.contains(chunk.key):
-                continue
-            kv = gather(chunk.start, chunk.end)
-            self.layout.check(kv, chunk.num_tokens)
-            self.chain.store(chunk.key, kv)
-            stored += chunk.num_tokens
+        gathered: list[tuple[Chunk, torch.Tensor]] = []
+        try:
+            for chunk in chunks:
+                if l1 is not None and l1.contains(chunk.key):
+                    continue
+                kv = gather(chunk.start, chunk.end)
+                self.layout.check(kv, chunk.num_tokens)
+                gathered.append((chunk, kv))
+        finally:  # what was gathered before a failure is stored all the same
+            for chunk, kv in gathered:
+                self.chain.store(chunk.key, kv)
+        stored = sum(chunk.num_tokens for chunk, _ in gathered)
         self.counters.stored_tokens += stored
         self._prefill_done.set()  # a request stores after its prefill: deferred promotions may run
         if self.observer is not None:

@@ -64,6 +64,36 @@ def test_store_skips_chunks_already_cached(tmp_path):
         assert calls == [(64, 80)] and stored == 16
 
 
+def test_store_gathers_every_chunk_before_the_tiers_get_any(tmp_path):
+    with engine(tmp_path) as eng:
+        kv = random_kv(LAYOUT, 64)
+        seen = []
+
+        def gather(lo, hi):
+            seen.append((eng.chain.writers[0].stats.submitted, eng.lookup(tokens(64))))
+            return kv[:, :, lo:hi].clone()
+
+        assert eng.store_chunks(tokens(64), gather) == 64
+        assert seen == [(0, 0)] * 4  # no disk write queued, nothing in L1, while gathering
+        assert eng.chain.writers[0].stats.submitted == 4 and eng.lookup(tokens(64)) == 64
+        assert eng.flush(10) and torch.equal(eng.retrieve(tokens(64)), kv)
+
+
+def test_a_failing_gather_keeps_the_chunks_gathered_before_it(tmp_path):
+    with engine(tmp_path) as eng:
+        kv = random_kv(LAYOUT, 64)
+
+        def gather(lo, hi):
+            if lo == 32:
+                raise RuntimeError("paged memory went away")
+            return kv[:, :, lo:hi].clone()
+
+        with pytest.raises(RuntimeError, match="went away"):
+            eng.store_chunks(tokens(64), gather)
+        assert eng.lookup(tokens(64)) == 32
+        assert torch.equal(eng.retrieve(tokens(64)), kv[:, :, :32])
+
+
 def test_store_from_an_offset(tmp_path):
     with engine(tmp_path) as eng:
         kv = random_kv(LAYOUT, 64)
