@@ -79,6 +79,23 @@ def test_store_gathers_every_chunk_before_the_tiers_get_any(tmp_path):
         assert eng.flush(10) and torch.equal(eng.retrieve(tokens(64)), kv)
 
 
+def test_a_large_store_reaches_the_tiers_in_bounded_batches(tmp_path, monkeypatch):
+    kv = random_kv(LAYOUT, 96)
+    for overrides, handoff_bytes in (({"write_queue": 4}, 1 << 30), ({}, 2 * kv[:, :, :16].nbytes)):
+        monkeypatch.setattr("kvtier.engine.HANDOFF_BYTES", handoff_bytes)
+        with engine(tmp_path / str(handoff_bytes), **overrides) as eng:
+            seen = []
+
+            def gather(lo, hi, eng=eng, seen=seen):
+                seen.append(eng.chain.writers[0].stats.submitted)
+                return kv[:, :, lo:hi].clone()
+
+            assert eng.store_chunks(tokens(96), gather) == 96
+            assert seen == [0, 0, 2, 2, 4, 4]  # batches of two chunks: half the queue, or the byte bound
+            assert eng.flush(10) and eng.chain.writers[0].stats.dropped == 0
+            assert torch.equal(eng.retrieve(tokens(96)), kv)
+
+
 def test_a_failing_gather_keeps_the_chunks_gathered_before_it(tmp_path):
     with engine(tmp_path) as eng:
         kv = random_kv(LAYOUT, 64)
@@ -90,7 +107,7 @@ def test_a_failing_gather_keeps_the_chunks_gathered_before_it(tmp_path):
 
         with pytest.raises(RuntimeError, match="went away"):
             eng.store_chunks(tokens(64), gather)
-        assert eng.lookup(tokens(64)) == 32
+        assert eng.lookup(tokens(64)) == 32 and eng.stats()["engine"]["stored_tokens"] == 32
         assert torch.equal(eng.retrieve(tokens(64)), kv[:, :, :32])
 
 
