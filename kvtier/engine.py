@@ -72,7 +72,7 @@ class CacheEngine:
         )  # fmt: skip
         self.hasher = ChunkHasher(self.config.chunk_size, namespace, self.config.hash, self.config.save_partial_chunks)
         self.chain = chain if chain is not None else build_chain(self.config, layout)
-        self._handoff_chunks = max(1, self.config.write_queue // 2)  # a store's batch never overflows the queue
+        self._handoff_chunks = max(1, self.config.write_queue // 2)  # one batch alone never overflows the queue
         self._memo: OrderedDict[tuple[int, bytes], list[Chunk]] = OrderedDict()
         self._memo_lock = threading.Lock()
         self.counters = EngineCounters()
