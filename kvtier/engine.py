@@ -212,12 +212,14 @@ class CacheEngine:
         return stored
 
     def _hand_over(self, batch: list[tuple[Chunk, torch.Tensor]]) -> int:
-        """Give a batch of gathered chunks to the tiers and empty it; return its tokens."""
-        for chunk, kv in batch:
-            self.chain.store(chunk.key, kv)
-        tokens = sum(chunk.num_tokens for chunk, _ in batch)
-        batch.clear()
-        return tokens
+        """Give a batch of gathered chunks to the tiers and empty it (also when a tier raises: no
+        chunk is handed over twice); return its tokens."""
+        try:
+            for chunk, kv in batch:
+                self.chain.store(chunk.key, kv)
+            return sum(chunk.num_tokens for chunk, _ in batch)
+        finally:
+            batch.clear()
 
     def retrieve(self, tokens: Any, max_tokens: int | None = None) -> torch.Tensor:
         """Canonical KV of the longest cached prefix of `tokens` (possibly 0 tokens), on the CPU."""

@@ -112,6 +112,24 @@ def test_a_failing_gather_keeps_the_chunks_gathered_before_it(tmp_path):
         assert torch.equal(eng.retrieve(tokens(64)), kv[:, :, :32])
 
 
+def test_a_tier_that_raises_gets_no_chunk_twice(tmp_path, monkeypatch):
+    with engine(tmp_path, write_queue=2) as eng:  # batches of one chunk: handed over inside the loop
+        calls = []
+        store = eng.chain.store
+
+        def failing_store(key, kv):
+            calls.append(key)
+            if len(calls) == 2:
+                raise OSError("tier broke")
+            store(key, kv)
+
+        monkeypatch.setattr(eng.chain, "store", failing_store)
+        with pytest.raises(OSError, match="tier broke"):
+            eng.store_chunks(tokens(64), lambda lo, hi: random_kv(LAYOUT, 64)[:, :, lo:hi].clone())
+        assert len(calls) == len(set(calls)) == 2  # the chunks after the failure are not handed over
+        assert eng.lookup(tokens(64)) == 16
+
+
 def test_store_from_an_offset(tmp_path):
     with engine(tmp_path) as eng:
         kv = random_kv(LAYOUT, 64)
