@@ -72,7 +72,9 @@ class CacheEngine:
         )  # fmt: skip
         self.hasher = ChunkHasher(self.config.chunk_size, namespace, self.config.hash, self.config.save_partial_chunks)
         self.chain = chain if chain is not None else build_chain(self.config, layout)
-        self._handoff_chunks = max(1, self.config.write_queue // 2)  # one batch alone never overflows the queue
+        # one batch alone never overflows a writer's queue (the chain's own: it may be shared, built elsewhere)
+        queue = min((writer.max_pending for writer in self.chain.writers), default=self.config.write_queue)
+        self._handoff_chunks = max(1, queue // 2)
         self._memo: OrderedDict[tuple[int, bytes], list[Chunk]] = OrderedDict()
         self._memo_lock = threading.Lock()
         self.counters = EngineCounters()
