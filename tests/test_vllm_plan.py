@@ -71,3 +71,57 @@ def test_unknown_and_finished_requests_plan_nothing():
     p.on_alloc("r", lambda: list(range(8)), 8, 0)
     p.finished("r")
     assert p.schedule("r", [1, 2], True, 0, 8).stores == []
+
+
+def test_what_the_lookup_found_is_not_stored_again():
+    tokens = list(range(20))  # chunks 0..8, 8..16 and the partial 16..20
+    p = planner(cached=20)
+    assert p.matched_tokens("r", tokens, 0) == 16  # the last token is computed: the load stops at 16
+    p.on_alloc("r", lambda: tokens, 20, num_external=16)
+    step = p.schedule("r", [0, 1, 2, 3, 4], True, num_computed=16, num_scheduled=4)
+    assert [(s.start, s.end) for s in step.loads] == [(0, 16)]
+    assert step.stores == []  # the partial chunk 16..20 was found: it is in the cache already
+
+
+def test_chunks_vllm_computed_itself_are_not_stored_if_the_cache_has_them():
+    tokens = list(range(20))
+    p = planner(cached=16)
+    assert p.matched_tokens("r", tokens, 16) == 0  # vLLM's prefix cache has 0..16
+    p.on_alloc("r", lambda: tokens, 20, num_external=0)
+    step = p.schedule("r", [0, 1, 2, 3, 4], True, num_computed=16, num_scheduled=4)
+    assert step.loads == []
+    assert [(s.start, s.end) for s in step.stores] == [(16, 20)]  # only what the cache lacks
+
+
+def test_a_lookup_of_a_request_that_never_ran_is_forgotten():
+    p = planner(cached=16)
+    p.matched_tokens("r", list(range(20)), 0)
+    p.finished("r")  # aborted while waiting
+    p.on_alloc("r", lambda: list(range(20)), 20, num_external=0)  # a new request under a reused id
+    assert [(s.start, s.end) for s in p.schedule("r", list(range(5)), True, 0, 20).stores] == [(0, 20)]
+
+
+def test_a_rollback_after_a_failed_load_stores_the_recomputed_chunks_in_a_new_generation():
+    tokens = list(range(30))
+    p = planner(cached=24)
+    assert p.matched_tokens("r", tokens, 0) == 24
+    p.on_alloc("r", lambda: tokens, 30, num_external=24)
+    step = p.schedule("r", list(range(8)), True, num_computed=24, num_scheduled=6)
+    assert [(s.start, s.end, s.generation) for s in step.loads] == [(0, 24, 0)]
+    assert [(s.start, s.end, s.generation) for s in step.stores] == [(24, 30, 0)]
+    # the load failed at token 12 (block 3): vLLM recomputes from there
+    step = p.schedule("r", None, False, num_computed=12, num_scheduled=18)
+    assert step.loads == []
+    assert [(s.start, s.end, s.generation) for s in step.stores] == [(8, 30, 1)]
+    assert p.schedule("r", None, False, num_computed=30, num_scheduled=1).stores == []  # decode
+
+
+def test_a_resumed_request_is_not_a_rollback():
+    tokens = list(range(30))
+    p = planner()
+    p.on_alloc("r", lambda: tokens, 30, num_external=0)
+    assert [(s.start, s.end) for s in p.schedule("r", list(range(8)), True, 0, 30).stores] == [(0, 30)]
+    p.on_alloc("r", lambda: tokens, 30, num_external=0)  # preempted, then scheduled again
+    step = p.schedule("r", list(range(8)), True, num_computed=0, num_scheduled=30)
+    assert step.stores == []  # stored before the preemption: still in the cache
+    assert step.loads == []

@@ -67,3 +67,32 @@ def test_layer_order_and_layout_detection():
     assert detect_kind(torch.empty(5, 4, 576), 576, 4, True) == "mla"
     with pytest.raises(LayoutError, match="unsupported vLLM KV cache shape"):
         detect_kind(torch.empty(5, 4), 8, 4, False)
+
+
+def test_nothing_computed_over_a_failed_load_is_stored(tmp_path):
+    # a prompt cached up to token 16 whose second chunk vanished: its KV for 16..20, computed in the
+    # step of the failed load, attended to blocks that were never filled, and must not be stored
+    tokens = list(range(100, 120))
+    worker, _ = make_worker(tmp_path, seed=1)
+    worker.save(StepPlan(stores=[StoreSpec("a", tokens[:16], list(range(4)), 0, 16)]))
+    worker.engine.flush()
+    for tier in worker.engine.chain.tiers:
+        tier.delete(worker.engine.chunks(tokens)[1].key)
+    step = StepPlan(loads=[LoadSpec("b", tokens, [4, 5, 6, 7, 8], 0, 16)],
+                    stores=[StoreSpec("b", tokens, [4, 5, 6, 7, 8], 16, 20)])  # fmt: skip
+    partial = worker.engine.chunks(tokens)[2].key
+
+    def cached(key):
+        worker.engine.flush()
+        return any(tier.contains(key) for tier in worker.engine.chain.tiers)
+
+    worker.load(step)
+    worker.save(step)
+    assert worker.take_load_errors() == {6, 7}
+    assert not cached(partial)
+    worker.save(StepPlan(stores=[StoreSpec("b", tokens, [4, 5, 6, 7, 8], 16, 20)]))  # a later step, same generation
+    assert not cached(partial)
+    # vLLM rolled back and recomputed: the next generation's stores heal the cache
+    worker.save(StepPlan(stores=[StoreSpec("b", tokens, [4, 5, 6, 7, 8], 8, 20, generation=1)]))
+    assert worker.engine.lookup(tokens) == 20
+    assert worker.stored_tokens == 16 + 12

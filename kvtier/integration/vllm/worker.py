@@ -19,6 +19,7 @@ from kvtier.layout import compact
 
 log = logging.getLogger("kvtier.vllm.worker")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_MAX_FAILED = 4096  # requests remembered for a failed load
 
 
 def layer_order(names: list[str]) -> list[str]:
@@ -52,6 +53,7 @@ class Worker:
         self.block_size = block_size
         self.paged: PagedKV | None = None
         self._load_errors: set[int] = set()
+        self._failed: dict[str, int] = {}  # request -> generation of its load that fell short
         self.loaded_tokens = 0
         self.stored_tokens = 0
 
@@ -71,10 +73,15 @@ class Worker:
             except Exception:  # a cache failure must never crash the engine: vLLM recomputes
                 log.exception("loading %s tokens [%d, %d) failed", spec.req_id, spec.start, spec.end)
                 got = spec.start
-            if got < spec.end:
+            if got == spec.end:
+                self._failed.pop(spec.req_id, None)  # a request id seen before, loaded in full
+            else:
                 first = got // self.block_size
                 last = -(-spec.end // self.block_size)
                 self._load_errors.update(spec.block_ids[first:last])
+                self._failed[spec.req_id] = spec.generation
+                while len(self._failed) > _MAX_FAILED:  # requests that never stored again
+                    del self._failed[next(iter(self._failed))]
                 log.warning("%s: loaded %d of %d tokens; vLLM recomputes the rest", spec.req_id,
                             got - spec.start, spec.end - spec.start)  # fmt: skip
             self.loaded_tokens += got - spec.start
@@ -89,8 +96,21 @@ class Worker:
         )  # fmt: skip
 
     def save(self, plan: StepPlan) -> None:
-        """Store the planned ranges' chunks that the cache does not hold yet."""
+        """Store the planned ranges' chunks that the cache does not hold yet.
+
+        Nothing planned in the generation of a request's failed load is stored: that forward pass
+        attended to blocks that were never filled, so the KV it computed is wrong. vLLM drops the
+        step's token and recomputes from the first failed block; the planner plans the stores of
+        that recompute in the next generation.
+        """
         for spec in plan.stores:
+            failed = self._failed.get(spec.req_id)
+            if failed is not None and spec.generation <= failed:
+                log.warning("%s: not storing tokens [%d, %d), computed over a failed load", spec.req_id,
+                            spec.start, spec.end)  # fmt: skip
+                continue
+            if failed is not None:
+                del self._failed[spec.req_id]
             try:
                 self.stored_tokens += self._save(spec)
             except Exception:  # a failed store is a future miss, never an engine error
