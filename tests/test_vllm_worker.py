@@ -96,3 +96,26 @@ def test_nothing_computed_over_a_failed_load_is_stored(tmp_path):
     worker.save(StepPlan(stores=[StoreSpec("b", tokens, [4, 5, 6, 7, 8], 8, 20, generation=1)]))
     assert worker.engine.lookup(tokens) == 20
     assert worker.stored_tokens == 16 + 12
+
+
+def test_a_load_that_failed_on_another_tensor_parallel_rank_stops_this_ranks_stores(tmp_path):
+    tokens = list(range(100, 124))
+    worker, _ = make_worker(tmp_path, seed=1)
+    worker.save(StepPlan(stores=[StoreSpec("a", tokens[:16], list(range(4)), 0, 16)]))
+    seen = []
+
+    def other_rank_failed_b(flags):  # what an all-reduce (max) over the TP group gives
+        seen.append(flags.tolist())
+        flags[1] = 1
+
+    worker.agree = other_rank_failed_b
+    a, b = [4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 10, 11]  # the two requests' blocks
+    step = StepPlan(loads=[LoadSpec("a", tokens, a, 0, 16), LoadSpec("b", tokens, b, 0, 16)],
+                    stores=[StoreSpec("a", tokens, a, 16, 24), StoreSpec("b", tokens, b, 16, 24)])  # fmt: skip
+    worker.load(step)
+    assert seen == [[0, 0]]  # this rank loaded both in full
+    assert worker.take_load_errors() == set()  # its blocks are fine; the other rank reports its own
+    worker.save(step)
+    assert worker.stored_tokens == 16 + 8  # "a" stored its chunk 16..24; "b" did not
+    worker.load(StepPlan())  # a step without loads: no collective
+    assert len(seen) == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +62,7 @@ class KVTierConnector(KVConnectorBase_V1):
             self._planner = Planner(self._engine.lookup, self._settings.block_size, config.chunk_size,
                                     config.save_partial_chunks, self._settings.save_decode_tokens)  # fmt: skip
         else:
-            self._worker = Worker(self._engine, self._settings.block_size)
+            self._worker = Worker(self._engine, self._settings.block_size, _tp_agreement(self._settings.world_size))
         log.info("kvtier connector (%s, pid %d) for %s: chunk %d, block %d, L1 %d bytes, disk %s", role.name,
                  os.getpid(), self._settings.model_id, config.chunk_size, self._settings.block_size, config.l1.size,
                  config.disk.path)  # fmt: skip
@@ -147,6 +148,21 @@ def _recompute_failed_loads(kv_transfer_config: Any) -> None:
             kv_transfer_config.kv_load_failure_policy,
         )
         kv_transfer_config.kv_load_failure_policy = "recompute"
+
+
+def _tp_agreement(world_size: int) -> Callable[[torch.Tensor], None] | None:
+    """With tensor parallelism: max-reduce a worker's per-load failure flags over the TP group."""
+    if world_size <= 1:
+        return None
+    import torch.distributed as dist
+    from vllm.distributed.parallel_state import get_tp_group
+
+    group = get_tp_group().cpu_group
+
+    def agree(flags: torch.Tensor) -> None:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+
+    return agree
 
 
 def _extend(plan: StepPlan, step: StepPlan) -> None:

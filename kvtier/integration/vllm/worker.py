@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -45,12 +46,21 @@ def detect_kind(cache: torch.Tensor, head_dim: int, block_size: int, mla: bool) 
     raise LayoutError(f"unsupported vLLM KV cache shape {tuple(cache.shape)} (block size {block_size})")
 
 
-class Worker:
-    """Moves KV between one worker's paged memory and a CacheEngine."""
+Agree = Callable[[torch.Tensor], None]  # reduces per-load failure flags in place (max) across TP ranks
 
-    def __init__(self, engine: CacheEngine, block_size: int) -> None:
+
+class Worker:
+    """Moves KV between one worker's paged memory and a CacheEngine.
+
+    With tensor parallelism each rank loads its own shard of a request's KV; `agree` combines the
+    ranks' failure flags, so that no rank stores what was computed over another rank's failed load
+    (layers after the first mix every head's values).
+    """
+
+    def __init__(self, engine: CacheEngine, block_size: int, agree: Agree | None = None) -> None:
         self.engine = engine
         self.block_size = block_size
+        self.agree = agree
         self.paged: PagedKV | None = None
         self._load_errors: set[int] = set()
         self._failed: dict[str, int] = {}  # request -> generation of its load that fell short
@@ -67,25 +77,31 @@ class Worker:
 
     def load(self, plan: StepPlan) -> None:
         """Fill the planned ranges; blocks that could not be filled go to the load errors."""
-        for spec in plan.loads:
+        short = torch.zeros(len(plan.loads), dtype=torch.int32)
+        for i, spec in enumerate(plan.loads):
             try:
                 got = self._load(spec)
             except Exception:  # a cache failure must never crash the engine: vLLM recomputes
                 log.exception("loading %s tokens [%d, %d) failed", spec.req_id, spec.start, spec.end)
                 got = spec.start
-            if got == spec.end:
-                self._failed.pop(spec.req_id, None)  # a request id seen before, loaded in full
-            else:
+            if got < spec.end:
+                short[i] = 1
                 first = got // self.block_size
                 last = -(-spec.end // self.block_size)
                 self._load_errors.update(spec.block_ids[first:last])
-                self._failed[spec.req_id] = spec.generation
-                while len(self._failed) > _MAX_FAILED:  # requests that never stored again
-                    del self._failed[next(iter(self._failed))]
                 log.warning("%s: loaded %d of %d tokens; vLLM recomputes the rest", spec.req_id,
                             got - spec.start, spec.end - spec.start)  # fmt: skip
             self.loaded_tokens += got - spec.start
             log.info("%s: loaded %d tokens [%d, %d) from the cache", spec.req_id, got - spec.start, spec.start, got)
+        if self.agree is not None and len(plan.loads):  # every rank has the same plan: all of them get here
+            self.agree(short)
+        for spec, failed in zip(plan.loads, short.tolist(), strict=True):
+            if not failed:
+                self._failed.pop(spec.req_id, None)  # a request id seen before, loaded in full
+                continue
+            self._failed[spec.req_id] = spec.generation
+            while len(self._failed) > _MAX_FAILED:  # requests that never stored again
+                del self._failed[next(iter(self._failed))]
 
     def _load(self, spec: LoadSpec) -> int:
         paged = self._paged()
