@@ -2,7 +2,7 @@
 
 Used by tests/integration/test_vllm.py, each call in its own process (like separate vLLM instances).
 
-    python tests/integration/vllm_runner.py PROMPTS.json [--disk DIR] [--mp] [--rounds N] [--prefix-caching]
+    python tests/integration/vllm_runner.py PROMPTS.json [--disk DIR] [--mp] [--prefix-caching] [--model DIR] [--tp N]
 """
 
 from __future__ import annotations
@@ -21,16 +21,21 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--dtype", default="float32", help="model and KV dtype (default float32: see test_vllm.py)")
     parser.add_argument("--extra", default="{}", help="JSON merged into kv_connector_extra_config")
+    parser.add_argument("--model", help="a local model folder (default: the built-in model)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (worker processes, a core each)")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.mp else "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    kwargs = {}
+    if args.tp > 1:  # one core per rank (vLLM's automatic binding wants a NUMA node per rank)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(rank) for rank in range(args.tp)))
+        kwargs = {"tensor_parallel_size": args.tp, "distributed_executor_backend": "mp"}
 
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
     from kvtier.models import export_default_model
 
-    kwargs = {}
     if args.disk:
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVTierConnector",
@@ -40,7 +45,7 @@ def main() -> None:
             kv_connector_extra_config={"disk": {"path": args.disk}, "log_level": "info", **json.loads(args.extra)},
         )
     llm = LLM(
-        model=str(export_default_model()),
+        model=args.model or str(export_default_model()),
         max_model_len=4096,
         enable_prefix_caching=args.prefix_caching,
         enforce_eager=True,
