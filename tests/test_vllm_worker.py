@@ -119,3 +119,19 @@ def test_a_load_that_failed_on_another_tensor_parallel_rank_stops_this_ranks_sto
     assert worker.stored_tokens == 16 + 8  # "a" stored its chunk 16..24; "b" did not
     worker.load(StepPlan())  # a step without loads: no collective
     assert len(seen) == 1
+
+
+def test_ranks_that_cannot_agree_store_nothing_of_the_steps_loads(tmp_path):
+    tokens = list(range(100, 124))
+    worker, _ = make_worker(tmp_path, seed=1)
+    worker.save(StepPlan(stores=[StoreSpec("a", tokens[:16], list(range(4)), 0, 16)]))
+
+    def broken(flags):
+        raise RuntimeError("connection reset by peer")
+
+    worker.agree = broken
+    step = StepPlan(loads=[LoadSpec("b", tokens, [4, 5, 6, 7, 8, 9], 0, 16)],
+                    stores=[StoreSpec("b", tokens, [4, 5, 6, 7, 8, 9], 16, 24)])  # fmt: skip
+    worker.load(step)  # does not raise into vLLM
+    worker.save(step)
+    assert worker.loaded_tokens == 16 and worker.stored_tokens == 16  # only the first store

@@ -94,7 +94,11 @@ class Worker:
             self.loaded_tokens += got - spec.start
             log.info("%s: loaded %d tokens [%d, %d) from the cache", spec.req_id, got - spec.start, spec.start, got)
         if self.agree is not None and len(plan.loads):  # every rank has the same plan: all of them get here
-            self.agree(short)
+            try:
+                self.agree(short)
+            except Exception:  # ranks that cannot agree store nothing of this step's loads
+                log.exception("combining load results across tensor-parallel ranks failed")
+                short.fill_(1)
         for spec, failed in zip(plan.loads, short.tolist(), strict=True):
             if not failed:
                 self._failed.pop(spec.req_id, None)  # a request id seen before, loaded in full
