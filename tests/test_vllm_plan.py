@@ -125,3 +125,16 @@ def test_a_resumed_request_is_not_a_rollback():
     step = p.schedule("r", list(range(8)), True, num_computed=0, num_scheduled=30)
     assert step.stores == []  # stored before the preemption: still in the cache
     assert step.loads == []
+
+
+def test_a_resumed_request_stores_in_a_new_generation():
+    # a load that failed just before a preemption leaves the worker refusing the old generation;
+    # vLLM's rollback is never seen (the request starts over), so resuming starts a new one
+    tokens = list(range(30))
+    p = planner()
+    p.on_alloc("r", lambda: tokens, 30, num_external=0)
+    assert [s.generation for s in p.schedule("r", list(range(8)), True, 0, 12).stores] == [0]
+    p.on_alloc("r", lambda: tokens, 30, num_external=0)
+    assert [(s.start, s.end, s.generation) for s in p.schedule("r", list(range(8)), True, 12, 18).stores] == [
+        (8, 30, 1)
+    ]

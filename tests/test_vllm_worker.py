@@ -135,3 +135,38 @@ def test_ranks_that_cannot_agree_store_nothing_of_the_steps_loads(tmp_path):
     worker.load(step)  # does not raise into vLLM
     worker.save(step)
     assert worker.loaded_tokens == 16 and worker.stored_tokens == 16  # only the first store
+
+
+def test_requests_sharing_the_blocks_of_a_failed_load_store_nothing_computed_over_them(tmp_path):
+    tokens = list(range(100, 124))
+    other = tokens[:16] + list(range(500, 508))  # shares 16 tokens (blocks 4..7) with `tokens`
+    worker, _ = make_worker(tmp_path, seed=1)
+    worker.save(StepPlan(stores=[StoreSpec("seed", tokens[:16], list(range(4)), 0, 16)]))
+    for tier in worker.engine.chain.tiers:
+        tier.delete(worker.engine.chunks(tokens)[1].key)
+    a, b = [4, 5, 6, 7, 8, 9], [4, 5, 6, 7, 10, 11]  # b got a's first 4 blocks from vLLM's prefix cache
+    step = StepPlan(loads=[LoadSpec("a", tokens, a, 0, 16)],
+                    stores=[StoreSpec("b", other, b, 16, 24)])  # fmt: skip
+    worker.load(step)
+    worker.save(step)  # b attended to blocks 6, 7 that a's load never filled
+    later = StepPlan(stores=[StoreSpec("c", other, b, 16, 24)])  # planned a step ahead (async scheduling)
+    worker.load(later)
+    worker.save(later)
+    assert worker.stored_tokens == 16  # neither b nor c stored
+    worker.save(StepPlan(stores=[StoreSpec("b", other, b, 8, 24, generation=1)]))  # after vLLM's rollback of b
+    assert worker.stored_tokens == 16 + 16
+    after = StepPlan(stores=[StoreSpec("d", tokens, a, 16, 24)])
+    worker.load(after)  # two steps later: the failed load's blocks were recomputed
+    worker.save(after)
+    assert worker.stored_tokens == 16 + 16 + 8
+
+
+def test_finished_requests_are_forgotten(tmp_path):
+    tokens = list(range(100, 124))
+    worker, _ = make_worker(tmp_path, seed=1)
+    worker.load(StepPlan(loads=[LoadSpec("a", tokens, [0, 1, 2, 3, 4, 5], 0, 16)]))  # nothing cached: fails
+    worker.forget({"a"})
+    worker.load(StepPlan())
+    worker.load(StepPlan())  # its blocks are no longer tainted either
+    worker.save(StepPlan(stores=[StoreSpec("a", tokens, [0, 1, 2, 3, 4, 5], 0, 24)]))  # a reused id
+    assert worker.stored_tokens == 24

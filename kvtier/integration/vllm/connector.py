@@ -124,6 +124,11 @@ class KVTierConnector(KVConnectorBase_V1):
         if self._worker is not None and self.has_connector_metadata():
             self._worker.save(self._plan())
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._worker is not None:
+            self._worker.forget(finished_req_ids)
+        return None, None  # loads and stores complete inside their step
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
 

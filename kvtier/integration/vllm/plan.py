@@ -103,7 +103,11 @@ class Planner:
 
     def on_alloc(self, req_id: str, tokens: Callable[[], Sequence[int]], prompt_len: int, num_external: int) -> None:
         """Remember the request and how many tokens after its locally computed ones to load."""
-        state = self.requests.setdefault(req_id, _Request(tokens, prompt_len))
+        state = self.requests.get(req_id)
+        if state is None:
+            state = self.requests[req_id] = _Request(tokens, prompt_len)
+        else:  # resumed after a preemption: a new generation (a rollback before it would go unseen)
+            state.generation += 1
         state.external = num_external
         state.stored = max(state.stored, self._found.pop(req_id, 0))
         state.expected = None

@@ -63,7 +63,10 @@ class Worker:
         self.agree = agree
         self.paged: PagedKV | None = None
         self._load_errors: set[int] = set()
-        self._failed: dict[str, int] = {}  # request -> generation of its load that fell short
+        self._failed: dict[str, int] = {}  # request -> generation whose KV was computed over a failed load
+        # blocks of this step's failed loads, and of the step before (async scheduling plans a step
+        # ahead): a request sharing them through vLLM's prefix cache computed over them too
+        self._tainted: tuple[set[int], set[int]] = (set(), set())
         self.loaded_tokens = 0
         self.stored_tokens = 0
 
@@ -99,13 +102,20 @@ class Worker:
             except Exception:  # ranks that cannot agree store nothing of this step's loads
                 log.exception("combining load results across tensor-parallel ranks failed")
                 short.fill_(1)
+        tainted: set[int] = set()
         for spec, failed in zip(plan.loads, short.tolist(), strict=True):
             if not failed:
                 self._failed.pop(spec.req_id, None)  # a request id seen before, loaded in full
                 continue
-            self._failed[spec.req_id] = spec.generation
-            while len(self._failed) > _MAX_FAILED:  # requests that never stored again
-                del self._failed[next(iter(self._failed))]
+            self._mark_failed(spec.req_id, spec.generation)
+            # the whole range: another rank may have failed earlier in it than this one
+            tainted.update(spec.block_ids[spec.start // self.block_size : -(-spec.end // self.block_size)])
+        self._tainted = (tainted, self._tainted[0])
+
+    def _mark_failed(self, req_id: str, generation: int) -> None:
+        self._failed[req_id] = generation
+        while len(self._failed) > _MAX_FAILED:  # requests that never stored again
+            del self._failed[next(iter(self._failed))]
 
     def _load(self, spec: LoadSpec) -> int:
         paged = self._paged()
@@ -119,17 +129,22 @@ class Worker:
         """Store the planned ranges' chunks that the cache does not hold yet.
 
         Nothing planned in the generation of a request's failed load is stored: that forward pass
-        attended to blocks that were never filled, so the KV it computed is wrong. vLLM drops the
-        step's token and recomputes from the first failed block; the planner plans the stores of
-        that recompute in the next generation.
+        attended to blocks that were never filled, so the KV it computed is wrong. The same holds
+        for any request whose blocks include those of a failed load (vLLM's prefix cache shares
+        them), in this step or the next. vLLM drops the step's token and recomputes from the first
+        failed block; the planner plans the stores of that recompute in the next generation.
         """
+        tainted = self._tainted[0] | self._tainted[1]
         for spec in plan.stores:
             failed = self._failed.get(spec.req_id)
+            if failed is None and tainted and not tainted.isdisjoint(spec.block_ids[: -(-spec.end // self.block_size)]):
+                self._mark_failed(spec.req_id, spec.generation)
+                failed = spec.generation
             if failed is not None and spec.generation <= failed:
                 log.warning("%s: not storing tokens [%d, %d), computed over a failed load", spec.req_id,
                             spec.start, spec.end)  # fmt: skip
                 continue
-            if failed is not None:
+            if failed is not None:  # a recompute planned after vLLM rolled the request back
                 del self._failed[spec.req_id]
             try:
                 self.stored_tokens += self._save(spec)
@@ -144,6 +159,11 @@ class Worker:
             return compact(paged.gather(ids, lo, hi).to("cpu"))  # a partial last block was gathered whole
 
         return self.engine.store_chunks(spec.tokens, gather, spec.start, spec.end)
+
+    def forget(self, req_ids: set[str]) -> None:
+        """Drop what is kept about finished requests."""
+        for req_id in req_ids:
+            self._failed.pop(req_id, None)
 
     def take_load_errors(self) -> set[int]:
         """Block ids whose load failed since the last call."""
