@@ -89,9 +89,7 @@ class Worker:
                 got = spec.start
             if got < spec.end:
                 short[i] = 1
-                first = got // self.block_size
-                last = -(-spec.end // self.block_size)
-                self._load_errors.update(spec.block_ids[first:last])
+                self._load_errors.update(self._span(spec.block_ids, got, spec.end))
                 log.warning("%s: loaded %d of %d tokens; vLLM recomputes the rest", spec.req_id,
                             got - spec.start, spec.end - spec.start)  # fmt: skip
             self.loaded_tokens += got - spec.start
@@ -109,8 +107,12 @@ class Worker:
                 continue
             self._mark_failed(spec.req_id, spec.generation)
             # the whole range: another rank may have failed earlier in it than this one
-            tainted.update(spec.block_ids[spec.start // self.block_size : -(-spec.end // self.block_size)])
+            tainted.update(self._span(spec.block_ids, spec.start, spec.end))
         self._tainted = (tainted, self._tainted[0])
+
+    def _span(self, block_ids: list[int], start: int, end: int) -> list[int]:
+        """The ids of the blocks holding tokens [start, end)."""
+        return block_ids[start // self.block_size : -(-end // self.block_size)]
 
     def _mark_failed(self, req_id: str, generation: int) -> None:
         self._failed[req_id] = generation
@@ -137,7 +139,7 @@ class Worker:
         tainted = self._tainted[0] | self._tainted[1]
         for spec in plan.stores:
             failed = self._failed.get(spec.req_id)
-            if failed is None and tainted and not tainted.isdisjoint(spec.block_ids[: -(-spec.end // self.block_size)]):
+            if failed is None and tainted and not tainted.isdisjoint(self._span(spec.block_ids, 0, spec.end)):
                 self._mark_failed(spec.req_id, spec.generation)
                 failed = spec.generation
             if failed is not None and spec.generation <= failed:
