@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -55,9 +56,13 @@ def test_full_queue_drops_the_oldest_and_never_blocks(make_cpu, make_disk):
     slow = FaultyTier(make_disk(100 * (CHUNK + 128)))
     slow.gate = threading.Event()  # the writer blocks inside the first put
     chain = TierChain(make_cpu(100 * CHUNK), [slow], max_pending=2)
-    jobs = [chain.store(key(i), random_kv(SMALL, 4, seed=i))[0] for i in range(6)]
+    jobs = [chain.store(key(0), random_kv(SMALL, 4, seed=0))[0]]
+    deadline = time.monotonic() + 10
+    while not slow.calls.get("put") and time.monotonic() < deadline:  # the writer holds key 0 at the gate
+        time.sleep(0.001)
+    jobs += [chain.store(key(i), random_kv(SMALL, 4, seed=i))[0] for i in range(1, 6)]
     writer = chain.writers[0]
-    assert writer.stats.dropped >= 3  # one job may be in the tier, two queued, the rest dropped
+    assert writer.stats.dropped >= 3  # one job in the tier, two queued, the rest dropped
     assert [j.status for j in jobs[-2:]] == [JobStatus.PENDING, JobStatus.PENDING]
     dropped = [j for j in jobs if j.status is JobStatus.DROPPED]
     assert dropped and all(j.reason == "write queue full" for j in dropped)
