@@ -7,7 +7,12 @@ kvtier warm from its disk tier in a new process. Every configuration runs in its
 row must produce the same tokens. Targets: kvtier warm >= 50x faster than cold at 8k tokens; kvtier
 L2 in a new process no slower than ExampleConnector; kvtier L1 within 1.5x of the prefix-cache hit.
 
-    python -m benchmarks.ttft_vllm [--sizes 2048 4096 8000]
+Single TTFTs of new processes move by +-50 ms on a shared VM, more than the two disk loads differ,
+so the two new-process rows run `--rounds` times, alternated (the first of each pair swaps every
+round), each process after every stored file was read once (both sides in the page cache), and
+their rows are medians. "load" columns time the connector's `start_load_kv` inside that TTFT.
+
+    python -m benchmarks.ttft_vllm [--sizes 2048 4096 8000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import report
+from benchmarks._common import median, report
 
 CORPUS = Path(__file__).parent / "data" / "pride-and-prejudice-opening.txt"
 NEW_TOKENS = 4
@@ -44,43 +49,79 @@ CONFIGS = {  # name: (connector, prefix caching, requests per prompt)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8000], help="prompt lengths")
+    parser.add_argument("--rounds", type=int, default=5, help="alternated pairs of new processes (L2 and Example)")
     parser.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.worker:
         worker(args.worker, args.sizes, args.dir)
         return
     root = tempfile.mkdtemp(prefix="kvtier-ttft-vllm-")
     try:
-        results = {name: run_worker(name, args.sizes, root) for name in CONFIGS}
+        results = {name: run_worker(name, args.sizes, root) for name in ("plain", "example_store", "kvtier_store")}
+        loads: dict[str, list[dict[str, Any]]] = {"example_load": [], "kvtier_load": []}
+        for r in range(args.rounds):
+            for name in ("example_load", "kvtier_load") if r % 2 == 0 else ("kvtier_load", "example_load"):
+                read_all(root)
+                loads[name].append(run_worker(name, args.sizes, root, f" (round {r + 1} of {args.rounds})"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    rows, summary = summarize(args.sizes, results, loads)
+    headers = ["tokens", "cold (s)", "vLLM prefix hit", "Example warm", "kvtier cold", "kvtier L1", "kvtier L2",
+               "L1 speedup", "L2 speedup", "L1 / hit", "L2 / Example", "L2 faster in", "load Example (ms)",
+               "load kvtier L2 (ms)", "same tokens"]  # fmt: skip
+    report("ttft_vllm", headers, rows, summary)
+
+
+def summarize(
+    sizes: list[int], results: dict[str, Any], loads: dict[str, list[dict[str, Any]]]
+) -> tuple[list[list[object]], dict[str, Any]]:
+    """Table rows and the JSON summary; the new-process rows are medians over the rounds."""
     rows: list[list[object]] = []
-    summary: dict[str, Any] = {"identical_tokens": True}
-    for n in args.sizes:
+    rounds = len(loads["kvtier_load"])
+    summary: dict[str, Any] = {"identical_tokens": True, "rounds": rounds}
+    for n in sizes:
         key = str(n)
         plain, hit = results["plain"][key]["ttft"]
-        example = results["example_load"][key]["ttft"][0]
         kv_cold, l1 = results["kvtier_store"][key]["ttft"]
-        l2 = results["kvtier_load"][key]["ttft"][0]
-        outputs = [o for name in CONFIGS for o in results[name][key]["tokens"]]
+        examples = [run[key]["ttft"][0] for run in loads["example_load"]]
+        l2s = [run[key]["ttft"][0] for run in loads["kvtier_load"]]
+        example, l2 = median(examples), median(l2s)
+        wins = sum(k < e for k, e in zip(l2s, examples, strict=True))
+        load_example = median([run[key]["load"][0] for run in loads["example_load"]]) * 1e3
+        load_l2 = median([run[key]["load"][0] for run in loads["kvtier_load"]]) * 1e3
+        runs = [results[name] for name in results] + loads["example_load"] + loads["kvtier_load"]
+        outputs = [o for run in runs for o in run[key]["tokens"]]
         same = all(o == outputs[0] for o in outputs)
         summary["identical_tokens"] = summary["identical_tokens"] and same
-        rows.append([n, plain, hit, example, kv_cold, l1, l2, plain / l1, plain / l2, "yes" if same else "NO"])
+        rows.append([n, plain, hit, example, kv_cold, l1, l2, plain / l1, plain / l2, l1 / hit, l2 / example,
+                     f"{wins} of {rounds}", load_example, load_l2, "yes" if same else "NO"])  # fmt: skip
         summary |= {
             f"cold_s_{n}": round(plain, 3), f"prefix_hit_s_{n}": round(hit, 4), f"example_s_{n}": round(example, 4),
             f"kvtier_l1_s_{n}": round(l1, 4), f"kvtier_l2_s_{n}": round(l2, 4),
             f"speedup_l1_{n}": round(plain / l1, 1), f"speedup_l2_{n}": round(plain / l2, 1),
             f"l1_vs_prefix_hit_{n}": round(l1 / hit, 2), f"l2_vs_example_{n}": round(l2 / example, 2),
+            f"l2_faster_in_{n}": wins, f"load_ms_example_{n}": round(load_example, 1),
+            f"load_ms_kvtier_l2_{n}": round(load_l2, 1),
+            f"example_s_all_{n}": [round(t, 4) for t in examples], f"kvtier_l2_s_all_{n}": [round(t, 4) for t in l2s],
         }  # fmt: skip
-    headers = ["tokens", "cold (s)", "vLLM prefix hit", "Example warm", "kvtier cold", "kvtier L1", "kvtier L2",
-               "L1 speedup", "L2 speedup", "same tokens"]  # fmt: skip
-    report("ttft_vllm", headers, rows, summary)
+    return rows, summary
 
 
-def run_worker(name: str, sizes: list[int], root: str) -> dict[str, Any]:
+def read_all(root: str) -> None:
+    """Read every stored file once, so that both connectors' files are in the page cache alike."""
+    for path in Path(root).rglob("*"):
+        if path.is_file():
+            with path.open("rb", buffering=0) as f:
+                while f.read(1 << 24):
+                    pass
+
+
+def run_worker(name: str, sizes: list[int], root: str, note: str = "") -> dict[str, Any]:
     """Run one configuration in a new process; return its JSON result."""
-    print(f"running {name} ...", file=sys.stderr, flush=True)
+    print(f"running {name}{note} ...", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "benchmarks.ttft_vllm", "--worker", name, "--dir", root, "--sizes", *map(str, sizes)]
     env = {"VLLM_LOGGING_LEVEL": "ERROR", "PYTHONWARNINGS": "ignore", **os.environ}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -103,6 +144,7 @@ def worker(name: str, sizes: list[int], root: str) -> None:
     from kvtier.models import export_default_model
 
     connector, prefix_caching, requests = CONFIGS[name]
+    load_times = time_loads(connector)
     kwargs: dict[str, Any] = {}
     if connector == "kvtier":
         kwargs["kv_transfer_config"] = KVTransferConfig(
@@ -126,15 +168,40 @@ def worker(name: str, sizes: list[int], root: str) -> None:
     for n in sizes:  # disjoint prompts: ExampleConnector mixes up prompts that prefix each other
         prompt = TokensPrompt(prompt_token_ids=ids[offset : offset + n])
         offset += n
-        ttfts, tokens = [], []
+        ttfts, tokens, loaded = [], [], []
         for _ in range(requests):
             time.sleep(PAUSE_S)  # every row starts on an idle machine (see PAUSE_S)
+            load_times.clear()
             result = llm.generate([prompt], params, use_tqdm=False)[0]
             assert result.metrics is not None
             ttfts.append(result.metrics.first_token_latency)
             tokens.append(list(result.outputs[0].token_ids))
-        out[str(n)] = {"ttft": ttfts, "tokens": tokens}
+            loaded.append(sum(load_times))
+        out[str(n)] = {"ttft": ttfts, "tokens": tokens, "load": loaded}
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def time_loads(connector: str | None) -> list[float]:
+    """Time every `start_load_kv` call of `connector` in this process (in-process engine): the
+    returned list gets the seconds of each call."""
+    times: list[float] = []
+    if connector is None:
+        return times
+    if connector == "kvtier":
+        from kvtier.integration.vllm import KVTierConnector as cls
+    else:
+        from vllm.distributed.kv_transfer.kv_connector.v1.example_connector import ExampleConnector as cls
+    original = cls.start_load_kv
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> None:
+        began = time.perf_counter()
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - began)
+
+    cls.start_load_kv = timed  # type: ignore[method-assign]
+    return times
 
 
 if __name__ == "__main__":
