@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -170,3 +172,13 @@ def test_finished_requests_are_forgotten(tmp_path):
     worker.load(StepPlan())  # its blocks are no longer tainted either
     worker.save(StepPlan(stores=[StoreSpec("a", tokens, [0, 1, 2, 3, 4, 5], 0, 24)]))  # a reused id
     assert worker.stored_tokens == 24
+
+
+def test_stores_are_logged_with_what_they_added(tmp_path, caplog):
+    tokens = list(range(100, 124))
+    worker, _ = make_worker(tmp_path, seed=1)
+    with caplog.at_level(logging.INFO, logger="kvtier.vllm.worker"):
+        worker.save(StepPlan(stores=[StoreSpec("a", tokens, [0, 1, 2, 3, 4, 5], 0, 24)]))
+        worker.save(StepPlan(stores=[StoreSpec("b", tokens, [0, 1, 2, 3, 4, 5], 0, 24)]))  # all in L1 already
+    stored = [r.getMessage() for r in caplog.records if "stored" in r.getMessage()]
+    assert stored == ["a: stored 24 new tokens of [0, 24)"]

@@ -28,6 +28,7 @@ pytestmark = [
 ROOT = Path(__file__).parents[2]
 CORPUS = ROOT / "benchmarks" / "data" / "pride-and-prejudice-opening.txt"
 LOADED = re.compile(r"loaded (\d+) tokens \[")
+STORED = re.compile(r"stored (\d+) new tokens of \[")
 START_S = 600  # a cold vLLM start on two cores takes 30-60 s; CI machines may be slower
 
 
@@ -113,6 +114,7 @@ def test_readme_server_command_reuses_kv_across_servers(tmp_path):
     finally:
         log = first.stop()
     assert not LOADED.findall(log), "the first server found KV in an empty cache"
+    assert sum(int(n) for n in STORED.findall(log)) == len(prompt), log[-4000:]
 
     second = Server(model, config, tmp_path / "second.log")
     try:

@@ -149,9 +149,13 @@ class Worker:
             if failed is not None:  # a recompute planned after vLLM rolled the request back
                 del self._failed[spec.req_id]
             try:
-                self.stored_tokens += self._save(spec)
+                stored = self._save(spec)
             except Exception:  # a failed store is a future miss, never an engine error
                 log.exception("storing %s tokens [%d, %d) failed", spec.req_id, spec.start, spec.end)
+                continue
+            self.stored_tokens += stored
+            if stored:
+                log.info("%s: stored %d new tokens of [%d, %d)", spec.req_id, stored, spec.start, spec.end)
 
     def _save(self, spec: StoreSpec) -> int:
         paged = self._paged()
