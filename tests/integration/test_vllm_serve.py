@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.remote.servers import ServerProcess
 
 pytestmark = [
     pytest.mark.vllm,
@@ -30,6 +28,8 @@ CORPUS = ROOT / "benchmarks" / "data" / "pride-and-prejudice-opening.txt"
 LOADED = re.compile(r"loaded (\d+) tokens \[")
 STORED = re.compile(r"stored (\d+) new tokens of \[")
 START_S = 600  # a cold vLLM start on two cores takes 30-60 s; CI machines may be slower
+STOP_S = 60  # the connector writes its pending stores to disk on shutdown
+LOG_CHARS = 1 << 24
 
 
 def readme_transfer_config() -> dict:
@@ -41,64 +41,44 @@ def readme_transfer_config() -> dict:
     return config
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def vllm_server(model: str, transfer_config: dict) -> ServerProcess:
+    """`python -m vllm.entrypoints.openai.api_server` (what `vllm serve` runs), ready once /health answers."""
 
+    def argv(port: int) -> list[str]:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
+                "--kv-transfer-config", json.dumps(transfer_config), "--host", "127.0.0.1", "--port", str(port),
+                "--max-model-len", "4096"]  # fmt: skip
 
-class Server:
-    """`python -m vllm.entrypoints.openai.api_server` (what `vllm serve` runs) in a new process."""
-
-    def __init__(self, model: str, transfer_config: dict, log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
-               "--kv-transfer-config", json.dumps(transfer_config), "--host", "127.0.0.1", "--port", str(self.port),
-               "--max-model-len", "4096"]  # fmt: skip
-        env = {**os.environ, "KVTIER_LOG_LEVEL": "info", "VLLM_CPU_KVCACHE_SPACE": "1"}
-        with log.open("w") as out:
-            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        self._wait_healthy()
-
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1)
-        raise AssertionError(f"the server was not up after {START_S} s:\n{self.tail()}")
-
-    def complete(self, model: str, prompt: list[int]) -> str:
-        body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
-        with urllib.request.urlopen(request, timeout=300) as response:
-            text: str = json.loads(response.read())["choices"][0]["text"]
-            return text
-
-    def tail(self) -> str:
-        return self.log.read_text()[-4000:]
-
-    def stop(self) -> str:
-        """Stop the server; return its log."""
-        self.process.terminate()
+    def ready(port: int) -> bool:
         try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        return self.log.read_text()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    return ServerProcess(argv, ready, "vLLM server")
 
 
-def test_readme_server_command_reuses_kv_across_servers(tmp_path):
+def complete(server: ServerProcess, model: str, prompt: list[int]) -> str:
+    """Greedy completion of `prompt` (token ids)."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=300) as response:
+        text: str = json.loads(response.read())["choices"][0]["text"]
+        return text
+
+
+def serve_once(model: str, config: dict, prompt: list[int]) -> tuple[str, str]:
+    """Start a server, complete `prompt`, stop it (its connector flushes its stores); the text and the log."""
+    server = vllm_server(model, config).start(timeout=START_S)
+    try:
+        return complete(server, model, prompt), server.log_tail(LOG_CHARS)
+    finally:
+        server.stop(timeout=STOP_S)
+
+
+def test_readme_server_command_reuses_kv_across_servers(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
     from kvtier.models import export_default_model
@@ -107,20 +87,14 @@ def test_readme_server_command_reuses_kv_across_servers(tmp_path):
     prompt = AutoTokenizer.from_pretrained(model)(CORPUS.read_text(), add_special_tokens=False).input_ids[:1400]
     config = readme_transfer_config()
     config["kv_connector_extra_config"]["disk"]["path"] = str(tmp_path / "kvtier")
+    monkeypatch.setenv("KVTIER_LOG_LEVEL", "info")  # the connector's load and store lines
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
 
-    first = Server(model, config, tmp_path / "first.log")
-    try:
-        cold = first.complete(model, prompt)
-    finally:
-        log = first.stop()
+    cold, log = serve_once(model, config, prompt)
     assert not LOADED.findall(log), "the first server found KV in an empty cache"
     assert sum(int(n) for n in STORED.findall(log)) == len(prompt), log[-4000:]
 
-    second = Server(model, config, tmp_path / "second.log")
-    try:
-        warm = second.complete(model, prompt)
-    finally:
-        log = second.stop()
+    warm, log = serve_once(model, config, prompt)
     loaded = [int(n) for n in LOADED.findall(log)]
     assert sum(loaded) >= 1280, (loaded, log[-4000:])  # 1,399 tokens, block-aligned (128 on CPU)
     assert warm == cold
