@@ -86,13 +86,13 @@ def summarize(
         key = str(n)
         plain, hit = results["plain"][key]["ttft"]
         kv_cold, l1 = results["kvtier_store"][key]["ttft"]
-        examples = [run[key]["ttft"][0] for run in loads["example_load"]]
-        l2s = [run[key]["ttft"][0] for run in loads["kvtier_load"]]
+        examples = first_requests(loads["example_load"], key, "ttft")
+        l2s = first_requests(loads["kvtier_load"], key, "ttft")
         example, l2 = median(examples), median(l2s)
         wins = sum(k < e for k, e in zip(l2s, examples, strict=True))
-        load_example = median([run[key]["load"][0] for run in loads["example_load"]]) * 1e3
-        load_l2 = median([run[key]["load"][0] for run in loads["kvtier_load"]]) * 1e3
-        runs = [results[name] for name in results] + loads["example_load"] + loads["kvtier_load"]
+        load_example = median(first_requests(loads["example_load"], key, "load")) * 1e3
+        load_l2 = median(first_requests(loads["kvtier_load"], key, "load")) * 1e3
+        runs = [*results.values(), *loads["example_load"], *loads["kvtier_load"]]
         outputs = [o for run in runs for o in run[key]["tokens"]]
         same = all(o == outputs[0] for o in outputs)
         summary["identical_tokens"] = summary["identical_tokens"] and same
@@ -108,6 +108,11 @@ def summarize(
             f"example_s_all_{n}": [round(t, 4) for t in examples], f"kvtier_l2_s_all_{n}": [round(t, 4) for t in l2s],
         }  # fmt: skip
     return rows, summary
+
+
+def first_requests(runs: list[dict[str, Any]], key: str, field: str) -> list[float]:
+    """`field` ("ttft" or "load") of each run's first request of the prompt `key`."""
+    return [run[key][field][0] for run in runs]
 
 
 def read_all(root: str) -> None:
