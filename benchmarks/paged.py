@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from benchmarks._common import paired, report
-from kvtier.adapters.paged import BLOCK_VIEWS, HEAD_MAJOR_KINDS, PagedKV, expected_shape
+from kvtier.adapters.paged import HEAD_MAJOR_KINDS, PLANE_VIEWS, PagedKV, expected_shape
 from kvtier.layout import KVLayout
 
 MODEL = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.float32)
@@ -29,7 +29,7 @@ BLOCK = 128
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", nargs="+", default=["cpu", "flash_nhd", "flash_hnd"], choices=list(BLOCK_VIEWS))
+    parser.add_argument("--kinds", nargs="+", default=["cpu", "flash_nhd", "flash_hnd"], choices=list(PLANE_VIEWS))
     parser.add_argument("--chunks", type=int, default=31, help="chunks per request")
     parser.add_argument("--repeat", type=int, default=9)
     args = parser.parse_args()

@@ -95,9 +95,12 @@ def make_namespace(
     tenant: str = "",
     hash_name: str = "blake3",
 ) -> bytes:
-    """Return the 16-byte namespace that separates models, layouts, ranks, codecs and tenants."""
+    """Return the 16-byte namespace that separates models, layouts, ranks, codecs and tenants.
+
+    v2: chunks that v1 stored from vLLM's CPU backend hold its K blocks transposed (kvtier misread
+    that layout), so nothing stored under v1 is found any more."""
     fields = (
-        f"kvtier-namespace-v1\0model={model_id}\0layout={layout_fingerprint}\0rank={rank}"
+        f"kvtier-namespace-v2\0model={model_id}\0layout={layout_fingerprint}\0rank={rank}"
         f"\0world={world_size}\0codec={codec}\0tenant={tenant}\0hash={hash_name}"
     )
     return hashlib.sha256(fields.encode()).digest()[:DIGEST_BYTES]

@@ -29,9 +29,9 @@ def make_caches(kind, num_blocks=10, seed=0):
 def token_kv(kind, cache, block, offset, layout):
     """K and V ([h, d] each; V None for MLA) of one token, read straight from the layout's definition."""
     if kind == "cpu":
-        d = layout.head_dim
-        raw = cache[block].view(layout.num_kv_heads, 2 * BS, d)  # per head: BS K rows, then BS V rows
-        return raw[:, offset], raw[:, BS + offset]
+        h, d = layout.num_kv_heads, layout.head_dim
+        raw = cache[block].view(h, 2, BS * d)  # per head: K as [d, BS] (a column per token), then V as [BS, d]
+        return raw[:, 0].view(h, d, BS)[:, :, offset], raw[:, 1].view(h, BS, d)[:, offset]
     if kind == "flash_nhd":
         return cache[0, block, offset], cache[1, block, offset]
     if kind == "flash_hnd":

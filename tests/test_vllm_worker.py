@@ -10,6 +10,7 @@ import torch
 from kvtier import CacheEngine, Config, KVLayout
 from kvtier.adapters.paged import PagedKV, expected_shape
 from kvtier.errors import LayoutError
+from kvtier.integration.vllm.cpu_check import check_cpu_layout
 from kvtier.integration.vllm.plan import LoadSpec, StepPlan, StoreSpec
 from kvtier.integration.vllm.worker import Worker, detect_kind, layer_order
 
@@ -182,3 +183,40 @@ def test_stores_are_logged_with_what_they_added(tmp_path, caplog):
         worker.save(StepPlan(stores=[StoreSpec("b", tokens, [0, 1, 2, 3, 4, 5], 0, 24)]))  # all in L1 already
     stored = [r.getMessage() for r in caplog.records if "stored" in r.getMessage()]
     assert stored == ["a: stored 24 new tokens of [0, 24)"]
+
+
+@pytest.mark.parametrize(("dtype", "block_size", "head_dim"), [(torch.float32, 128, 64), (torch.bfloat16, 16, 128)])
+def test_cpu_layout_reads_what_vllms_attention_kernel_writes(dtype, block_size, head_dim):
+    pytest.importorskip("vllm")
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    layout = KVLayout(2, 3, head_dim, dtype)
+    caches = [torch.zeros(expected_shape("cpu", layout, 4, block_size), dtype=dtype) for _ in range(2)]
+    slots = torch.tensor([3 * block_size + 5, 1 * block_size, 1 * block_size + 1])  # scattered, in no order
+    gen = torch.Generator().manual_seed(0)
+    want = torch.randn(layout.shape(3), generator=gen).to(dtype)  # canonical [2, layers, tokens, heads, dim]
+    isa = _get_attn_isa(dtype, block_size, head_dim)
+    for layer, cache in enumerate(caches):  # what vLLM's forward pass writes
+        key_cache, value_cache = cache.view(4, 3, 2 * block_size, head_dim).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(
+            want[0, layer].clone(), want[1, layer].clone(), key_cache, value_cache, slots, isa
+        )
+    paged = PagedKV("cpu", layout, caches, block_size)
+    full = paged.gather(torch.tensor([3, 1]), 0, 2 * block_size)  # tokens 5 of block 3, then 0 and 1 of block 1
+    assert torch.equal(full[:, :, 5], want[:, :, 0])
+    assert torch.equal(full[:, :, block_size : block_size + 2], want[:, :, 1:])
+    check_cpu_layout(layout, block_size)  # the connector's start-up check agrees
+
+
+def test_a_cpu_kernel_with_another_block_order_is_refused(monkeypatch):
+    pytest.importorskip("vllm")
+    from kvtier.adapters import paged
+
+    def k_rows_then_v_rows(cache, layout, block_size):  # the reading kvtier had before checking it against vLLM
+        view = cache.view(cache.shape[0], layout.num_kv_heads, 2, block_size, layout.head_dim)
+        return list(view.permute(0, 2, 3, 1, 4).unbind(1))
+
+    monkeypatch.setitem(paged.PLANE_VIEWS, "cpu", k_rows_then_v_rows)
+    with pytest.raises(LayoutError, match="stores KV blocks in an order kvtier does not know"):
+        check_cpu_layout(KVLayout(2, 3, 64, torch.float32), 128)

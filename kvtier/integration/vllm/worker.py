@@ -15,6 +15,7 @@ import torch
 from kvtier.adapters.paged import PagedKV
 from kvtier.engine import CacheEngine
 from kvtier.errors import LayoutError
+from kvtier.integration.vllm.cpu_check import check_cpu_layout
 from kvtier.integration.vllm.plan import LoadSpec, StepPlan, StoreSpec
 from kvtier.layout import compact
 
@@ -76,6 +77,8 @@ class Worker:
         caches = [kv_caches[name] for name in layer_order(list(kv_caches))]
         kind = detect_kind(caches[0], layout.head_dim, self.block_size, layout.mla)
         self.paged = PagedKV(kind, layout, caches, self.block_size)
+        if kind == "cpu" and caches[0].device.type == "cpu":
+            check_cpu_layout(layout, self.block_size)
         log.info("registered %d layers of %s paged KV (block size %d)", len(caches), kind, self.block_size)
 
     def load(self, plan: StepPlan) -> None:
