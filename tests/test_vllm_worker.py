@@ -220,3 +220,17 @@ def test_a_cpu_kernel_with_another_block_order_is_refused(monkeypatch):
     monkeypatch.setitem(paged.PLANE_VIEWS, "cpu", k_rows_then_v_rows)
     with pytest.raises(LayoutError, match="stores KV blocks in an order kvtier does not know"):
         check_cpu_layout(KVLayout(2, 3, 64, torch.float32), 128)
+
+
+def test_only_requests_keyed_by_their_tokens_alone_are_cached():
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from kvtier.integration.vllm.connector import keyed_by_tokens
+
+    plain = {"mm_features": [], "lora_request": None, "prompt_embeds": None, "cache_salt": None}
+    assert keyed_by_tokens(SimpleNamespace(**plain))
+    assert keyed_by_tokens(SimpleNamespace())  # a vLLM without those fields
+    for name, value in [("mm_features", [object()]), ("lora_request", object()), ("prompt_embeds", torch.zeros(0)),
+                        ("cache_salt", "tenant-a")]:  # fmt: skip
+        assert not keyed_by_tokens(SimpleNamespace(**(plain | {name: value}))), name

@@ -69,15 +69,21 @@ class KVTierConnector(KVConnectorBase_V1):
 
     # --- scheduler side ----------------------------------------------------------------------------
 
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a store lost to a preemption is a future miss (vLLM >= 0.32)
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._planner is not None
         tokens = request.prompt_token_ids or []
-        if not tokens:
+        if not tokens or not keyed_by_tokens(request):
             return 0, False
         return self._planner.matched_tokens(request.request_id, tokens, num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         assert self._planner is not None
+        if not keyed_by_tokens(request):
+            return  # never planned: nothing of it is loaded or stored
         prompt_len = len(request.prompt_token_ids or [])
         self._requests[request.request_id] = request
         self._planner.on_alloc(request.request_id, lambda: request.all_token_ids, prompt_len, num_external_tokens)
@@ -139,6 +145,16 @@ class KVTierConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVTierMetadata)
         return meta.plan
+
+
+def keyed_by_tokens(request: Any) -> bool:
+    """Whether a request's KV follows from its token ids alone, as kvtier's keys assume. Not with
+    images or audio (their placeholder tokens are alike for any input), a LoRA adapter, prompt
+    embeddings, or a cache salt (vLLM's per-tenant prefix-cache isolation): such requests are
+    neither looked up nor stored."""
+    if getattr(request, "prompt_embeds", None) is not None:
+        return False
+    return not any(getattr(request, name, None) for name in ("mm_features", "lora_request", "cache_salt"))
 
 
 def _recompute_failed_loads(kv_transfer_config: Any) -> None:
