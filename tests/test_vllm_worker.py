@@ -234,3 +234,18 @@ def test_only_requests_keyed_by_their_tokens_alone_are_cached():
     for name, value in [("mm_features", [object()]), ("lora_request", object()), ("prompt_embeds", torch.zeros(0)),
                         ("cache_salt", "tenant-a")]:  # fmt: skip
         assert not keyed_by_tokens(SimpleNamespace(**(plain | {name: value}))), name
+
+
+def test_pipeline_parallelism_is_refused_with_a_clear_error():
+    from types import SimpleNamespace
+
+    from kvtier.errors import ConfigError
+    from kvtier.integration.vllm.setup import settings_from
+
+    config = SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={}),
+        model_config=SimpleNamespace(),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=2, tensor_parallel_size=1),
+    )
+    with pytest.raises(ConfigError, match="does not support pipeline parallelism"):
+        settings_from(config)

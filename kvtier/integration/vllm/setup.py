@@ -17,6 +17,7 @@ import torch
 
 from kvtier.config import Config
 from kvtier.engine import CacheEngine
+from kvtier.errors import ConfigError
 from kvtier.layout import KVLayout
 from kvtier.models import model_id_for
 
@@ -53,6 +54,10 @@ def settings_from(vllm_config: Any) -> ConnectorSettings:
     config = Config.load().merged(extra, "kv_connector_extra_config")
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
+    if int(getattr(parallel, "pipeline_parallel_size", 1)) > 1:
+        # keys name the tensor-parallel rank only: two stages holding as many layers would share them
+        raise ConfigError("KVTierConnector does not support pipeline parallelism yet (pipeline_parallel_size "
+                          f"{parallel.pipeline_parallel_size}); use tensor parallelism")  # fmt: skip
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     dtype = model.dtype if cache_dtype == "auto" else _CACHE_DTYPES.get(cache_dtype, model.dtype)
     mla = bool(getattr(model, "use_mla", False))
