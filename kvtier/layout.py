@@ -7,9 +7,11 @@ Adapters convert an engine's own memory layout to and from it.
 A chunk tensor always has the canonical shape, in one of two memory orders: *token-major* (plain
 contiguous) or *head-major*, the transposed view of a contiguous `[planes, layers, heads, tokens,
 head_dim]` tensor, where each head's tokens are contiguous. Engines that keep each head's tokens
-together (vLLM's CPU backend, FlashAttention's HND layout, transformers' `[batch, heads, tokens,
-dim]` caches) gather and scatter head-major chunks as whole-block copies, where a token-major chunk
-costs one strided copy per head-dim row (1.1x slower into vLLM's CPU layout: benchmarks/paged.py).
+together (FlashAttention's HND layout, transformers' `[batch, heads, tokens, dim]` caches, the V
+half of vLLM's CPU blocks, whose K half is `[head_dim, block_size]`) gather and scatter head-major
+chunks as whole-block copies, where a token-major chunk costs one strided copy per head-dim row
+(benchmarks/paged.py; into vLLM's CPU layout, where K is transposed either way, the two orders are
+within the noise of each other).
 The raw codec stores either order as it is and says which in its header parameters.
 """
 
