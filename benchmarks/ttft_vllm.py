@@ -3,14 +3,17 @@ vLLM's ExampleConnector, all measured in one run.
 
 Rows, per prompt length: no connector (cold prefill); vLLM's prefix-cache hit (same process);
 ExampleConnector warm from its disk files in a new process; kvtier warm from L1 (same process);
-kvtier warm from its disk tier in a new process. Every configuration runs in its own process; every
-row must produce the same tokens. Targets: kvtier warm >= 50x faster than cold at 8k tokens; kvtier
-L2 in a new process no slower than ExampleConnector; kvtier L1 within 1.5x of the prefix-cache hit.
+kvtier warm from its disk tier in a new process, as configured by default (loads end wherever the
+hit does, so vLLM computes the prompt's last token only) and with `load_partial_blocks: false`
+(loads end at a block boundary, as ExampleConnector's do: the same tokens computed, so the two
+compare the loads alone). Every configuration runs in its own process; every row must produce the
+same tokens. Targets: kvtier warm >= 50x faster than cold at 8k tokens; kvtier L2 in a new process
+no slower than ExampleConnector; kvtier L1 within 1.5x of the prefix-cache hit.
 
-Single TTFTs of new processes move by +-50 ms on a shared VM, more than the two disk loads differ,
-so the two new-process rows run `--rounds` times, alternated (the first of each pair swaps every
-round), each process after every stored file was read once (both sides in the page cache), and
-their rows are medians. "load" columns time the connector's `start_load_kv` inside that TTFT.
+Single TTFTs of new processes move by +-50 ms on a shared VM, more than the disk loads differ, so
+the new-process rows run `--rounds` times, in an order that rotates every round, each process after
+every stored file was read once (all in the page cache), and their rows are medians. "load"
+columns time the connector's `start_load_kv` inside that TTFT.
 
     python -m benchmarks.ttft_vllm [--sizes 2048 4096 8000] [--rounds 5]
 """
@@ -43,13 +46,15 @@ CONFIGS = {  # name: (connector, prefix caching, requests per prompt)
     "example_load": ("example", False, 1),
     "kvtier_store": ("kvtier", False, 2),  # cold, then warm from L1
     "kvtier_load": ("kvtier", False, 1),  # a new process: warm from the disk tier
+    "kvtier_aligned": ("kvtier", False, 1),  # the same, loads stopping at block boundaries
 }
+NEW_PROCESS_ROWS = ("example_load", "kvtier_load", "kvtier_aligned")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8000], help="prompt lengths")
-    parser.add_argument("--rounds", type=int, default=5, help="alternated pairs of new processes (L2 and Example)")
+    parser.add_argument("--rounds", type=int, default=5, help="rotations of the new-process rows (L2s and Example)")
     parser.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -61,17 +66,19 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="kvtier-ttft-vllm-")
     try:
         results = {name: run_worker(name, args.sizes, root) for name in ("plain", "example_store", "kvtier_store")}
-        loads: dict[str, list[dict[str, Any]]] = {"example_load": [], "kvtier_load": []}
+        loads: dict[str, list[dict[str, Any]]] = {name: [] for name in NEW_PROCESS_ROWS}
         for r in range(args.rounds):
-            for name in ("example_load", "kvtier_load") if r % 2 == 0 else ("kvtier_load", "example_load"):
+            k = r % len(NEW_PROCESS_ROWS)
+            for name in NEW_PROCESS_ROWS[k:] + NEW_PROCESS_ROWS[:k]:
                 read_all(root)
                 loads[name].append(run_worker(name, args.sizes, root, f" (round {r + 1} of {args.rounds})"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     rows, summary = summarize(args.sizes, results, loads)
     headers = ["tokens", "cold (s)", "vLLM prefix hit", "Example warm", "kvtier cold", "kvtier L1", "kvtier L2",
-               "L1 speedup", "L2 speedup", "L1 / hit", "L2 / Example", "L2 faster in", "load Example (ms)",
-               "load kvtier L2 (ms)", "same tokens"]  # fmt: skip
+               "kvtier L2 aligned", "L1 speedup", "L2 speedup", "L1 / hit", "L2 / Example", "L2 faster in",
+               "aligned / Example", "load Example (ms)", "load kvtier L2 (ms)", "load aligned (ms)",
+               "same tokens"]  # fmt: skip
     report("ttft_vllm", headers, rows, summary)
 
 
@@ -88,24 +95,30 @@ def summarize(
         kv_cold, l1 = results["kvtier_store"][key]["ttft"]
         examples = first_requests(loads["example_load"], key, "ttft")
         l2s = first_requests(loads["kvtier_load"], key, "ttft")
-        example, l2 = median(examples), median(l2s)
+        aligned_all = first_requests(loads["kvtier_aligned"], key, "ttft")
+        example, l2, aligned = median(examples), median(l2s), median(aligned_all)
         wins = sum(k < e for k, e in zip(l2s, examples, strict=True))
-        load_example = median(first_requests(loads["example_load"], key, "load")) * 1e3
-        load_l2 = median(first_requests(loads["kvtier_load"], key, "load")) * 1e3
-        runs = [*results.values(), *loads["example_load"], *loads["kvtier_load"]]
+        load_example, load_l2, load_aligned = (
+            median(first_requests(loads[name], key, "load")) * 1e3 for name in NEW_PROCESS_ROWS
+        )
+        runs = [*results.values(), *(run for name in NEW_PROCESS_ROWS for run in loads[name])]
         outputs = [o for run in runs for o in run[key]["tokens"]]
         same = all(o == outputs[0] for o in outputs)
         summary["identical_tokens"] = summary["identical_tokens"] and same
-        rows.append([n, plain, hit, example, kv_cold, l1, l2, plain / l1, plain / l2, l1 / hit, l2 / example,
-                     f"{wins} of {rounds}", load_example, load_l2, "yes" if same else "NO"])  # fmt: skip
+        rows.append([n, plain, hit, example, kv_cold, l1, l2, aligned, plain / l1, plain / l2, l1 / hit,
+                     l2 / example, f"{wins} of {rounds}", aligned / example, load_example, load_l2, load_aligned,
+                     "yes" if same else "NO"])  # fmt: skip
         summary |= {
             f"cold_s_{n}": round(plain, 3), f"prefix_hit_s_{n}": round(hit, 4), f"example_s_{n}": round(example, 4),
             f"kvtier_l1_s_{n}": round(l1, 4), f"kvtier_l2_s_{n}": round(l2, 4),
             f"speedup_l1_{n}": round(plain / l1, 1), f"speedup_l2_{n}": round(plain / l2, 1),
             f"l1_vs_prefix_hit_{n}": round(l1 / hit, 2), f"l2_vs_example_{n}": round(l2 / example, 2),
             f"l2_faster_in_{n}": wins, f"load_ms_example_{n}": round(load_example, 1),
-            f"load_ms_kvtier_l2_{n}": round(load_l2, 1),
+            f"load_ms_kvtier_l2_{n}": round(load_l2, 1), f"kvtier_l2_aligned_s_{n}": round(aligned, 4),
+            f"l2_aligned_vs_example_{n}": round(aligned / example, 2),
+            f"load_ms_kvtier_l2_aligned_{n}": round(load_aligned, 1),
             f"example_s_all_{n}": [round(t, 4) for t in examples], f"kvtier_l2_s_all_{n}": [round(t, 4) for t in l2s],
+            f"kvtier_l2_aligned_s_all_{n}": [round(t, 4) for t in aligned_all],
         }  # fmt: skip
     return rows, summary
 
@@ -152,10 +165,12 @@ def worker(name: str, sizes: list[int], root: str) -> None:
     load_times = time_loads(connector)
     kwargs: dict[str, Any] = {}
     if connector == "kvtier":
+        extra: dict[str, Any] = {"disk": {"path": os.path.join(root, "kvtier")}}
+        if name == "kvtier_aligned":
+            extra["load_partial_blocks"] = False
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVTierConnector", kv_connector_module_path="kvtier.integration.vllm", kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"disk": {"path": os.path.join(root, "kvtier")}},
+            kv_load_failure_policy="recompute", kv_connector_extra_config=extra,
         )  # fmt: skip
     elif connector == "example":
         kwargs["kv_transfer_config"] = KVTransferConfig(

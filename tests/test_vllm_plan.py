@@ -19,19 +19,21 @@ def test_chunk_size_must_be_a_multiple_of_the_block_size():
 
 
 @pytest.mark.parametrize(
-    ("cached", "prompt", "computed", "expected"),
+    ("cached", "prompt", "computed", "expected", "aligned"),
     [
-        (0, 20, 0, 0),
-        (16, 20, 0, 16),
-        (16, 20, 8, 8),  # only what vLLM does not already have
-        (20, 20, 0, 16),  # the last token is always computed: 19, aligned down to 16
-        (16, 16, 0, 12),
-        (3, 20, 0, 0),  # less than a block
-        (16, 20, 16, 0),
+        (0, 20, 0, 0, 0),
+        (16, 20, 0, 16, 16),
+        (16, 20, 8, 8, 8),  # only what vLLM does not already have
+        (20, 20, 0, 19, 16),  # the last token is always computed (aligned: 19 down to 16)
+        (16, 16, 0, 15, 12),
+        (3, 20, 0, 3, 0),  # less than a block
+        (18, 20, 16, 2, 0),  # into the block after vLLM's own hit
+        (16, 20, 16, 0, 0),
     ],
 )
-def test_matched_tokens(cached, prompt, computed, expected):
+def test_matched_tokens(cached, prompt, computed, expected, aligned):
     assert planner(cached).matched_tokens("r", list(range(prompt)), computed) == expected
+    assert planner(cached, partial_blocks=False).matched_tokens("r", list(range(prompt)), computed) == aligned
 
 
 def test_load_then_store_the_rest_over_chunked_prefill():
@@ -73,13 +75,14 @@ def test_unknown_and_finished_requests_plan_nothing():
     assert p.schedule("r", [1, 2], True, 0, 8).stores == []
 
 
-def test_what_the_lookup_found_is_not_stored_again():
+@pytest.mark.parametrize(("partial_blocks", "loaded"), [(True, 19), (False, 16)])
+def test_what_the_lookup_found_is_not_stored_again(partial_blocks, loaded):
     tokens = list(range(20))  # chunks 0..8, 8..16 and the partial 16..20
-    p = planner(cached=20)
-    assert p.matched_tokens("r", tokens, 0) == 16  # the last token is computed: the load stops at 16
-    p.on_alloc("r", lambda: tokens, 20, num_external=16)
-    step = p.schedule("r", [0, 1, 2, 3, 4], True, num_computed=16, num_scheduled=4)
-    assert [(s.start, s.end) for s in step.loads] == [(0, 16)]
+    p = planner(cached=20, partial_blocks=partial_blocks)
+    assert p.matched_tokens("r", tokens, 0) == loaded  # the last token is computed
+    p.on_alloc("r", lambda: tokens, 20, num_external=loaded)
+    step = p.schedule("r", [0, 1, 2, 3, 4], True, num_computed=loaded, num_scheduled=20 - loaded)
+    assert [(s.start, s.end) for s in step.loads] == [(0, loaded)]
     assert step.stores == []  # the partial chunk 16..20 was found: it is in the cache already
 
 

@@ -249,3 +249,15 @@ def test_pipeline_parallelism_is_refused_with_a_clear_error():
     )
     with pytest.raises(ConfigError, match="does not support pipeline parallelism"):
         settings_from(config)
+
+
+def test_connector_options_must_be_booleans():
+    from types import SimpleNamespace
+
+    from kvtier.errors import ConfigError
+    from kvtier.integration.vllm.setup import settings_from
+
+    extra = {"load_partial_blocks": "no"}  # a string, not a JSON boolean
+    config = SimpleNamespace(kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra))
+    with pytest.raises(ConfigError, match="load_partial_blocks must be true or false, got 'no'"):
+        settings_from(config)

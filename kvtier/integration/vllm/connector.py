@@ -60,7 +60,8 @@ class KVTierConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             _recompute_failed_loads(self._kv_transfer_config)
             self._planner = Planner(self._engine.lookup, self._settings.block_size, config.chunk_size,
-                                    config.save_partial_chunks, self._settings.save_decode_tokens)  # fmt: skip
+                                    config.save_partial_chunks, self._settings.save_decode_tokens,
+                                    self._settings.load_partial_blocks)  # fmt: skip
         else:
             self._worker = Worker(self._engine, self._settings.block_size, _tp_agreement(self._settings.world_size))
         log.info("kvtier connector (%s, pid %d) for %s: chunk %d, block %d, L1 %d bytes, disk %s", role.name,

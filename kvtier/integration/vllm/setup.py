@@ -22,7 +22,7 @@ from kvtier.layout import KVLayout
 from kvtier.models import model_id_for
 
 # kv_connector_extra_config keys that configure the connector itself, not the cache
-CONNECTOR_OPTIONS = {"save_decode_tokens": False}
+CONNECTOR_OPTIONS = {"save_decode_tokens": False, "load_partial_blocks": True}
 _CACHE_DTYPES = {
     "fp8": torch.float8_e4m3fn,
     "fp8_e4m3": torch.float8_e4m3fn,
@@ -45,12 +45,16 @@ class ConnectorSettings:
     block_size: int
     world_size: int
     save_decode_tokens: bool
+    load_partial_blocks: bool
 
 
 def settings_from(vllm_config: Any) -> ConnectorSettings:
     """Read kvtier settings from `kv_connector_extra_config` over `Config.load()`."""
     extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
-    options = {key: bool(extra.pop(key, default)) for key, default in CONNECTOR_OPTIONS.items()}
+    options = {key: extra.pop(key, default) for key, default in CONNECTOR_OPTIONS.items()}
+    for key, value in options.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"kv_connector_extra_config.{key} must be true or false, got {value!r}")
     config = Config.load().merged(extra, "kv_connector_extra_config")
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
@@ -75,6 +79,7 @@ def settings_from(vllm_config: Any) -> ConnectorSettings:
         block_size=int(vllm_config.cache_config.block_size),
         world_size=int(parallel.tensor_parallel_size),
         save_decode_tokens=options["save_decode_tokens"],
+        load_partial_blocks=options["load_partial_blocks"],
     )
 
 
