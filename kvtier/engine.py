@@ -20,19 +20,17 @@ from typing import Any
 import torch
 import xxhash
 
-from kvtier.codec import canonical, get_codec
+from kvtier.codec import canonical
 from kvtier.config import Config
-from kvtier.errors import ConfigError, LayoutError
-from kvtier.keys import Chunk, ChunkHasher, ChunkKey, make_namespace, token_bytes
+from kvtier.errors import LayoutError
+from kvtier.keys import Chunk, ChunkHasher, ChunkKey, SaltedHashers, make_namespace, token_bytes
 from kvtier.layout import KVLayout, is_head_major
 from kvtier.logutil import setup_logging
-from kvtier.storage.base import Tier
+from kvtier.storage.build import build_chain
 from kvtier.storage.chain import TierChain
 from kvtier.storage.cpu import CPUTier
-from kvtier.storage.disk import DiskTier
 from kvtier.storage.filetier import FileTier
 from kvtier.storage.staging import StagingBuffer, StagingPool
-from kvtier.units import format_size
 
 log = logging.getLogger("kvtier.engine")
 Gather = Callable[[int, int], torch.Tensor]  # (start, end) -> a fresh canonical tensor of those tokens
@@ -71,11 +69,12 @@ class CacheEngine:
             tenant=self.config.tenant, hash_name=self.config.hash,
         )  # fmt: skip
         self.hasher = ChunkHasher(self.config.chunk_size, namespace, self.config.hash, self.config.save_partial_chunks)
+        self._hashers = SaltedHashers(self.hasher)
         self.chain = chain if chain is not None else build_chain(self.config, layout)
         # one batch alone never overflows a writer's queue (the chain's own: it may be shared, built elsewhere)
         queue = min((writer.max_pending for writer in self.chain.writers), default=self.config.write_queue)
         self._handoff_chunks = max(1, queue // 2)
-        self._memo: OrderedDict[tuple[int, bytes], list[Chunk]] = OrderedDict()
+        self._memo: OrderedDict[tuple[str, int, bytes], list[Chunk]] = OrderedDict()
         self._memo_lock = threading.Lock()
         self.counters = EngineCounters()
         self._staging = StagingPool()
@@ -130,16 +129,20 @@ class CacheEngine:
 
     # --- keys --------------------------------------------------------------------------------------
 
-    def chunks(self, tokens: Any, start: int = 0) -> list[Chunk]:
-        """The chunks of `tokens` from token `start` (a multiple of the chunk size) on."""
+    def chunks(self, tokens: Any, start: int = 0, salt: str | None = None) -> list[Chunk]:
+        """The chunks of `tokens` from token `start` (a multiple of the chunk size) on.
+
+        Every method taking `tokens` also takes a `salt`: the KV of requests with different salts
+        is kept apart (their keys have different namespaces), as with vLLM's per-request
+        `cache_salt`. No salt (None or "") is the engine's own namespace."""
         data = token_bytes(tokens)
-        memo_key = (start, xxhash.xxh3_128_digest(data))
+        memo_key = (salt or "", start, xxhash.xxh3_128_digest(data))
         with self._memo_lock:
             hit = self._memo.get(memo_key)
             if hit is not None:
                 self._memo.move_to_end(memo_key)
                 return hit
-        chunks = self.hasher.chunks_of_bytes(data, start)
+        chunks = self._hashers.get(salt).chunks_of_bytes(data, start)
         with self._memo_lock:
             self._memo[memo_key] = chunks
             if len(self._memo) > _MEMO_SIZE:
@@ -148,10 +151,10 @@ class CacheEngine:
 
     # --- the public API ----------------------------------------------------------------------------
 
-    def lookup(self, tokens: Any) -> int:
+    def lookup(self, tokens: Any, salt: str | None = None) -> int:
         """How many leading tokens of `tokens` are available in some tier."""
         began = time.perf_counter()
-        chunks = self.chunks(tokens)
+        chunks = self.chunks(tokens, salt=salt)
         n = self.chain.lookup([c.key for c in chunks])
         hit = chunks[n - 1].end if n else 0
         self.counters.lookups += 1
@@ -161,7 +164,7 @@ class CacheEngine:
             self.observer("lookup", time.perf_counter() - began)
         return hit
 
-    def store(self, tokens: Any, kv: torch.Tensor, start: int = 0) -> int:
+    def store(self, tokens: Any, kv: torch.Tensor, start: int = 0, salt: str | None = None) -> int:
         """Store `kv`, the canonical KV of tokens[start:start + kv.shape[2]]; return tokens newly stored.
 
         `start` must be a multiple of the chunk size. L1 is written now; lower tiers asynchronously.
@@ -175,9 +178,11 @@ class CacheEngine:
             out = self.layout.empty(hi - lo, head_major=is_head_major(kv))  # in the caller's memory order
             return out.copy_(kv[:, :, lo - start : hi - start])
 
-        return self.store_chunks(tokens, gather, start, end)
+        return self.store_chunks(tokens, gather, start, end, salt)
 
-    def store_chunks(self, tokens: Any, gather: Gather, start: int = 0, end: int | None = None) -> int:
+    def store_chunks(
+        self, tokens: Any, gather: Gather, start: int = 0, end: int | None = None, salt: str | None = None
+    ) -> int:
         """Store chunks of tokens[start:end] whose KV `gather(lo, hi)` returns (a fresh CPU tensor).
 
         Chunks already in L1 are skipped without calling `gather`. Returns tokens newly stored.
@@ -190,7 +195,7 @@ class CacheEngine:
         """
         began = time.perf_counter()
         end = len(tokens) if end is None else end
-        chunks = self.chunks(tokens if end == len(tokens) else tokens[:end], start)
+        chunks = self.chunks(tokens if end == len(tokens) else tokens[:end], start, salt)
         l1 = self.chain.l1
         batch: list[tuple[Chunk, torch.Tensor]] = []
         batch_bytes = stored = 0
@@ -223,10 +228,11 @@ class CacheEngine:
         finally:
             batch.clear()
 
-    def retrieve(self, tokens: Any, max_tokens: int | None = None) -> torch.Tensor:
+    def retrieve(self, tokens: Any, max_tokens: int | None = None, salt: str | None = None) -> torch.Tensor:
         """Canonical KV of the longest cached prefix of `tokens` (possibly 0 tokens), on the CPU."""
         parts: list[tuple[int, int, torch.Tensor]] = []
-        n = self._deliver(self.chunks(tokens), lambda lo, hi, kv: parts.append((lo, hi, kv)), max_tokens, 0, None)
+        chunks = self.chunks(tokens, salt=salt)
+        n = self._deliver(chunks, lambda lo, hi, kv: parts.append((lo, hi, kv)), max_tokens, 0, None)
         out = self.layout.empty(n)
         for lo, hi, kv in parts:
             out[:, :, lo:hi].copy_(kv)
@@ -240,6 +246,7 @@ class CacheEngine:
         chunks: list[Chunk] | None = None,
         start: int = 0,
         device: torch.device | str | None = None,
+        salt: str | None = None,
     ) -> int:
         """Call `scatter(lo, hi, kv)` for each cached chunk of tokens [start, max_tokens); return the
         end of what was delivered (`start` when nothing was).
@@ -251,7 +258,7 @@ class CacheEngine:
         `device` is where `scatter` copies to: a disk chunk stored with a compressing codec is
         decoded there (so `kv` may be on that device); other chunks arrive on the CPU.
         """
-        chunks = self.chunks(tokens) if chunks is None else chunks
+        chunks = self.chunks(tokens, salt=salt) if chunks is None else chunks
         target = None if device is None else torch.device(device)
         with self._staging.buffer(target) as staging:
             delivered = self._deliver(chunks, scatter, max_tokens, start, staging)
@@ -297,9 +304,9 @@ class CacheEngine:
 
         self._prefetcher.submit(run).add_done_callback(_log_failure)
 
-    def prefetch(self, tokens: Any) -> Future[int]:
+    def prefetch(self, tokens: Any, salt: str | None = None) -> Future[int]:
         """Start loading the cached prefix of `tokens` from lower tiers into L1; the future gives its length."""
-        chunks = self.chunks(tokens)
+        chunks = self.chunks(tokens, salt=salt)
         keys = [c.key for c in chunks]
 
         def run() -> int:
@@ -381,34 +388,3 @@ def _log_failure(future: Future[Any]) -> None:
     exc = future.exception()
     if exc is not None:
         log.error("prefetch failed: %r", exc)
-
-
-def build_chain(config: Config, layout: KVLayout) -> TierChain:
-    """The tiers the config asks for: L1 if its size is positive, L2 if a disk path is set, L3 if a
-    remote URL is. L1 holds decoded tensors; disk and remote each encode with their own codec."""
-    chunk_bytes = layout.bytes_per_token * config.chunk_size
-    l1 = None
-    if config.l1.size:
-        _check_budget("l1.size", config.l1.size, chunk_bytes)
-        l1 = CPUTier(config.l1.size, config.l1.policy)
-    lower: list[Tier] = []
-    if config.disk.path:
-        _check_budget("disk.size", config.disk.size, chunk_bytes)
-        codec = get_codec(config.codec)
-        lower.append(DiskTier(config.disk.path, config.disk.size, layout, codec, config.disk.policy, config.disk.fsync))
-    if config.remote.url:
-        from kvtier.storage.remote import open_remote
-
-        codec = get_codec(config.remote.codec)
-        remote = open_remote(config.remote, layout, codec, engine_codec=canonical(config.codec))
-        lower.append(remote)
-        log.info("remote tier: %s (codec %s)", remote.store.where, codec.spec)
-    return TierChain(l1, lower, config.write_queue)
-
-
-def _check_budget(key: str, budget: int, chunk_bytes: int) -> None:
-    if budget < chunk_bytes:
-        raise ConfigError(
-            f"{key}: {format_size(budget)} cannot hold one chunk ({format_size(chunk_bytes)} for this "
-            "model's layout and chunk size); raise it or lower chunk_size"
-        )

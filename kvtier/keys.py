@@ -8,7 +8,9 @@ Chunk i covers tokens [i*C, min((i+1)*C, n)) for chunk size C. Its digest is
 with H = blake3 (default), sha256 or xxh3-128. A digest therefore identifies a chunk *and its whole
 prefix*, is identical across processes and machines, and never depends on Python's `hash()`.
 A key also carries a namespace (model, KV layout, rank, codec, tenant, hash) so that KV of different
-models, layouts, ranks or tenants never meet. String form: `kvtier/<namespace hex>/<digest hex>`.
+models, layouts, ranks or tenants never meet; a request may add a salt of its own (`salted`: vLLM's
+per-request cache salt, a LoRA adapter), which derives another namespace from it. String form:
+`kvtier/<namespace hex>/<digest hex>`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import array
 import hashlib
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -188,3 +192,35 @@ class ChunkHasher:
             if lo >= start:
                 out.append(make(Chunk, (make(ChunkKey, (ns, prev)), lo, hi)))
         return out
+
+
+def salted_namespace(namespace: bytes, salt: str) -> bytes:
+    """The namespace of requests that carry `salt` (non-empty) under `namespace`."""
+    return hashlib.sha256(b"kvtier-salt-v1\0" + namespace + b"\0" + salt.encode()).digest()[:DIGEST_BYTES]
+
+
+class SaltedHashers:
+    """A ChunkHasher per request salt, all cutting chunks like `base` (the unsalted one), the most
+    recently used `keep` of them kept."""
+
+    def __init__(self, base: ChunkHasher, keep: int = 1024) -> None:
+        self.base = base
+        self._keep = keep
+        self._hashers: OrderedDict[str, ChunkHasher] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, salt: str | None) -> ChunkHasher:
+        """The hasher for `salt`; `base` for no salt (None or "")."""
+        if not salt:
+            return self.base
+        with self._lock:
+            hasher = self._hashers.get(salt)
+            if hasher is None:
+                b = self.base
+                hasher = ChunkHasher(b.chunk_size, salted_namespace(b.namespace, salt), b.hash_name, b.save_partial)
+                self._hashers[salt] = hasher
+                if len(self._hashers) > self._keep:
+                    self._hashers.popitem(last=False)
+            else:
+                self._hashers.move_to_end(salt)
+            return hasher

@@ -278,6 +278,20 @@ def test_models_and_tenants_do_not_share(tmp_path):
     a.close()
 
 
+def test_requests_with_different_salts_do_not_share(tmp_path):
+    with engine(tmp_path) as eng:
+        kv = random_kv(LAYOUT, 40)
+        assert eng.store(tokens(40), kv, salt="tenant-a") == 40
+        assert eng.lookup(tokens(40)) == eng.lookup(tokens(40), salt="tenant-b") == 0
+        assert eng.lookup(tokens(40), salt="tenant-a") == 40
+        assert torch.equal(eng.retrieve(tokens(40), salt="tenant-a").view(torch.int16), kv.view(torch.int16))
+        assert eng.retrieve(tokens(40), salt="tenant-b").shape[2] == 0
+        other = random_kv(LAYOUT, 40)
+        assert eng.store(tokens(40), other) == 40  # unsalted: stored apart, the salted chunks untouched
+        assert torch.equal(eng.retrieve(tokens(40), salt="tenant-a").view(torch.int16), kv.view(torch.int16))
+        assert torch.equal(eng.retrieve(tokens(40), salt="").view(torch.int16), other.view(torch.int16))
+
+
 def test_bad_kv_is_rejected_and_nothing_is_lost(tmp_path):
     with engine(tmp_path) as eng:
         kv = random_kv(LAYOUT, 32)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvtier.errors import TokenError
-from kvtier.keys import ChunkHasher, ChunkKey, make_namespace, token_bytes
+from kvtier.keys import ChunkHasher, ChunkKey, SaltedHashers, make_namespace, salted_namespace, token_bytes
 
 NS = make_namespace("model", "layoutfp")
 
@@ -115,6 +115,22 @@ def test_namespaces_separate_everything():
     seen.add(make_namespace("m2", "l", **base))
     seen.add(make_namespace("m", "l2", **base))
     assert len(seen) == 8
+
+
+def test_salted_hashers_cut_alike_under_their_own_namespaces():
+    base = hasher()
+    hashers = SaltedHashers(base, keep=2)
+    assert hashers.get(None) is hashers.get("") is base
+    tokens = list(range(10))
+    plain = [(c.start, c.end) for c in base.chunks(tokens)]
+    a, b = hashers.get("a"), hashers.get("b")
+    assert [(c.start, c.end) for c in a.chunks(tokens)] == plain
+    namespaces = {base.namespace, a.namespace, b.namespace}
+    assert len(namespaces) == 3 and a.namespace == salted_namespace(base.namespace, "a")
+    assert {c.key.digest for c in a.chunks(tokens)} == {c.key.digest for c in base.chunks(tokens)}  # same chain
+    assert hashers.get("a") is a
+    hashers.get("c")  # keeps 2: "b" (least recently used) goes, and comes back equal
+    assert hashers.get("b") is not b and hashers.get("b").namespace == b.namespace
 
 
 def test_key_string_round_trip():

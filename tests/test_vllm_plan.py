@@ -10,12 +10,12 @@ BLOCK, CHUNK = 4, 8
 
 
 def planner(cached: int = 0, **kwargs) -> Planner:
-    return Planner(lambda tokens: min(cached, len(tokens)), BLOCK, CHUNK, **kwargs)
+    return Planner(lambda tokens, salt: min(cached, len(tokens)), BLOCK, CHUNK, **kwargs)
 
 
 def test_chunk_size_must_be_a_multiple_of_the_block_size():
     with pytest.raises(ValueError, match="chunk_size 6 is not a multiple of the engine's block size 4"):
-        Planner(lambda t: 0, 4, 6)
+        Planner(lambda t, s: 0, 4, 6)
 
 
 @pytest.mark.parametrize(
@@ -141,3 +141,18 @@ def test_a_resumed_request_stores_in_a_new_generation():
     assert [(s.start, s.end, s.generation) for s in p.schedule("r", list(range(8)), True, 12, 18).stores] == [
         (8, 30, 1)
     ]
+
+
+def test_a_requests_salt_reaches_its_lookup_loads_and_stores():
+    looked_up = []
+
+    def lookup(tokens, salt):
+        looked_up.append(salt)
+        return 8
+
+    p = Planner(lookup, BLOCK, CHUNK)
+    tokens = list(range(20))
+    assert p.matched_tokens("r", tokens, 0, salt="tenant-a") == 8 and looked_up == ["tenant-a"]
+    p.on_alloc("r", lambda: tokens, 20, num_external=8, salt="tenant-a")
+    step = p.schedule("r", list(range(5)), True, num_computed=8, num_scheduled=12)
+    assert [s.salt for s in step.loads] == ["tenant-a"] and [s.salt for s in step.stores] == ["tenant-a"]

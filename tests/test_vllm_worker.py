@@ -222,18 +222,28 @@ def test_a_cpu_kernel_with_another_block_order_is_refused(monkeypatch):
         check_cpu_layout(KVLayout(2, 3, 64, torch.float32), 128)
 
 
-def test_only_requests_keyed_by_their_tokens_alone_are_cached():
+def test_which_requests_are_cached_and_under_which_salt():
     pytest.importorskip("vllm")
     from types import SimpleNamespace
 
-    from kvtier.integration.vllm.connector import keyed_by_tokens
+    from kvtier.integration.vllm.connector import keyed_by_tokens, request_salt
 
     plain = {"mm_features": [], "lora_request": None, "prompt_embeds": None, "cache_salt": None}
-    assert keyed_by_tokens(SimpleNamespace(**plain))
-    assert keyed_by_tokens(SimpleNamespace())  # a vLLM without those fields
-    for name, value in [("mm_features", [object()]), ("lora_request", object()), ("prompt_embeds", torch.zeros(0)),
-                        ("cache_salt", "tenant-a")]:  # fmt: skip
+    assert keyed_by_tokens(SimpleNamespace(**plain)) and request_salt(SimpleNamespace(**plain)) is None
+    assert keyed_by_tokens(SimpleNamespace()) and request_salt(SimpleNamespace()) is None  # a vLLM without them
+    for name, value in [("mm_features", [object()]), ("prompt_embeds", torch.zeros(0))]:
         assert not keyed_by_tokens(SimpleNamespace(**(plain | {name: value}))), name
+    lora = SimpleNamespace(lora_name="sql", lora_path="/adapters/sql")
+    salts = [
+        request_salt(SimpleNamespace(**(plain | change)))
+        for change in [
+            {"cache_salt": "tenant-a"}, {"cache_salt": "tenant-b"}, {"lora_request": lora},
+            {"lora_request": SimpleNamespace(lora_name="sql", lora_path="/adapters/sql-v2")},
+            {"lora_request": lora, "cache_salt": "tenant-a"},
+        ]
+    ]  # fmt: skip
+    assert len(set(salts)) == 5 and None not in salts
+    assert keyed_by_tokens(SimpleNamespace(**(plain | {"lora_request": lora, "cache_salt": "t"})))  # cached, salted
 
 
 def test_pipeline_parallelism_is_refused_with_a_clear_error():

@@ -125,6 +125,20 @@ def test_corrupt_object_is_recomputed_and_stored_again(tmp_path, corpus):
     assert second["outputs"][0] == third["outputs"][1]
 
 
+def test_requests_with_another_cache_salt_get_none_of_the_kv(tmp_path, corpus):
+    prompt = corpus[:700]
+
+    def salted(salt):
+        return {"prompt_token_ids": prompt} | ({"cache_salt": salt} if salt else {})
+
+    rounds = [[salted("tenant-a")], [salted("tenant-b")], [salted(None)], [salted("tenant-a")], [salted("tenant-b")]]
+    cached = run_matching_plain(tmp_path, rounds, tmp_path / "disk")
+    # tenant-a stores; tenant-b and the unsalted request find nothing and store their own; tenant-a
+    # and tenant-b, asked again, each load theirs
+    assert cached["loaded"] == [699, 699]
+    assert cached["stats"]["engine"]["stored_tokens"] == 3 * 700
+
+
 def test_vllm_prefix_cache_hits_are_not_loaded_again(tmp_path, corpus):
     prompt = corpus[:1500]
     rounds = [[prompt], [prompt]]

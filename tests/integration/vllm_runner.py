@@ -15,7 +15,8 @@ import os
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prompts", help="JSON file: a list of rounds, each a list of token-id prompts")
+    parser.add_argument("prompts", help="JSON file: a list of rounds, each a list of prompts (token-id lists, or "
+                        "objects such as {\"prompt_token_ids\": [...], \"cache_salt\": \"a\"})")  # fmt: skip
     parser.add_argument("--disk", help="use KVTierConnector with this disk tier directory")
     parser.add_argument("--mp", action="store_true", help="vLLM's multiprocess mode (scheduler and worker apart)")
     parser.add_argument("--prefix-caching", action="store_true", help="keep vLLM's own prefix cache on")
@@ -67,7 +68,8 @@ def main() -> None:
         rounds = json.load(f)
     outputs = []
     for prompts in rounds:
-        done = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        done = llm.generate([p if isinstance(p, dict) else {"prompt_token_ids": p} for p in prompts], params,
+                            use_tqdm=False)  # fmt: skip
         outputs.append([list(o.outputs[0].token_ids) for o in done])
     result = {"outputs": outputs, "stats": _engine_stats(), "preemptions": _preemptions(llm)}
     print("RESULT " + json.dumps(result), flush=True)

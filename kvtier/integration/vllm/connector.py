@@ -79,7 +79,9 @@ class KVTierConnector(KVConnectorBase_V1):
         tokens = request.prompt_token_ids or []
         if not tokens or not keyed_by_tokens(request):
             return 0, False
-        return self._planner.matched_tokens(request.request_id, tokens, num_computed_tokens), False
+        return self._planner.matched_tokens(
+            request.request_id, tokens, num_computed_tokens, request_salt(request)
+        ), False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         assert self._planner is not None
@@ -87,7 +89,8 @@ class KVTierConnector(KVConnectorBase_V1):
             return  # never planned: nothing of it is loaded or stored
         prompt_len = len(request.prompt_token_ids or [])
         self._requests[request.request_id] = request
-        self._planner.on_alloc(request.request_id, lambda: request.all_token_ids, prompt_len, num_external_tokens)
+        self._planner.on_alloc(request.request_id, lambda: request.all_token_ids, prompt_len, num_external_tokens,
+                               request_salt(request))  # fmt: skip
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         assert self._planner is not None
@@ -149,13 +152,24 @@ class KVTierConnector(KVConnectorBase_V1):
 
 
 def keyed_by_tokens(request: Any) -> bool:
-    """Whether a request's KV follows from its token ids alone, as kvtier's keys assume. Not with
-    images or audio (their placeholder tokens are alike for any input), a LoRA adapter, prompt
-    embeddings, or a cache salt (vLLM's per-tenant prefix-cache isolation): such requests are
-    neither looked up nor stored."""
-    if getattr(request, "prompt_embeds", None) is not None:
-        return False
-    return not any(getattr(request, name, None) for name in ("mm_features", "lora_request", "cache_salt"))
+    """Whether kvtier can key a request's KV: by its token ids and `request_salt`. Not with images
+    or audio (their placeholder tokens are alike for any input) or prompt embeddings: such
+    requests are neither looked up nor stored."""
+    return getattr(request, "prompt_embeds", None) is None and not getattr(request, "mm_features", None)
+
+
+def request_salt(request: Any) -> str | None:
+    """What besides its tokens decides a request's KV, as vLLM's own prefix cache keys it: its
+    `cache_salt` (per-tenant isolation) and its LoRA adapter (name and path). Requests with
+    different salts never share chunks; None when there is neither."""
+    parts = []
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        parts.append(f"lora={lora.lora_name}\0{lora.lora_path}")
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        parts.append(f"cache_salt={salt}")
+    return "\0".join(parts) or None
 
 
 def _recompute_failed_loads(kv_transfer_config: Any) -> None:

@@ -21,6 +21,7 @@ class LoadSpec:
     start: int
     end: int
     generation: int = 0  # the request's generation (see StoreSpec)
+    salt: str | None = None  # keeps the request's KV apart (see CacheEngine.chunks)
 
 
 @dataclass(slots=True)
@@ -38,6 +39,7 @@ class StoreSpec:
     start: int
     end: int
     generation: int = 0
+    salt: str | None = None
 
 
 @dataclass(slots=True)
@@ -57,14 +59,15 @@ class _Request:
     stored: int = 0  # tokens [0, stored) were stored (or found cached)
     expected: int | None = None  # tokens computed once the last scheduled step ran (None: newly allocated)
     generation: int = 0  # rollbacks seen (see StoreSpec)
+    salt: str | None = None
 
 
 class Planner:
-    """Decides loads and stores; `lookup(tokens) -> cached leading tokens` is the only dependency."""
+    """Decides loads and stores; `lookup(tokens, salt) -> cached leading tokens` is the only dependency."""
 
     def __init__(
         self,
-        lookup: Callable[[Sequence[int]], int],
+        lookup: Callable[[Sequence[int], str | None], int],
         block_size: int,
         chunk_size: int,
         save_partial: bool = True,
@@ -85,7 +88,7 @@ class Planner:
         self.requests: dict[str, _Request] = {}
         self._found: dict[str, int] = {}  # request -> leading prompt tokens its last lookup found cached
 
-    def matched_tokens(self, req_id: str, tokens: Sequence[int], num_computed: int) -> int:
+    def matched_tokens(self, req_id: str, tokens: Sequence[int], num_computed: int, salt: str | None = None) -> int:
         """Tokens beyond `num_computed` (vLLM's own prefix-cache hit, always block-aligned) that
         the cache can provide.
 
@@ -96,18 +99,21 @@ class Planner:
         lookup found (the latest call wins): chunks the cache already holds are not stored again,
         neither the ones vLLM's own prefix cache covered nor a partial chunk left unloaded.
         """
-        found = self.lookup(tokens)
+        found = self.lookup(tokens, salt)
         self._found[req_id] = found
         usable = min(found, len(tokens) - 1)
         if not self.partial_blocks:
             usable -= usable % self.block_size
         return max(0, usable - num_computed)
 
-    def on_alloc(self, req_id: str, tokens: Callable[[], Sequence[int]], prompt_len: int, num_external: int) -> None:
+    def on_alloc(
+        self, req_id: str, tokens: Callable[[], Sequence[int]], prompt_len: int, num_external: int,
+        salt: str | None = None,
+    ) -> None:  # fmt: skip
         """Remember the request and how many tokens after its locally computed ones to load."""
         state = self.requests.get(req_id)
         if state is None:
-            state = self.requests[req_id] = _Request(tokens, prompt_len)
+            state = self.requests[req_id] = _Request(tokens, prompt_len, salt=salt)
         else:  # resumed after a preemption: a new generation (a rollback before it would go unseen)
             state.generation += 1
         state.external = num_external
@@ -140,14 +146,15 @@ class Planner:
         if state.external:
             start, end = num_computed - state.external, num_computed
             prompt = list(tokens[: state.prompt_len])
-            plan.loads.append(LoadSpec(req_id, prompt, list(state.block_ids), start, end, state.generation))
+            plan.loads.append(LoadSpec(req_id, prompt, list(state.block_ids), start, end, state.generation,
+                                       state.salt))  # fmt: skip
             state.external = 0
             state.stored = max(state.stored, _floor(end, self.chunk_size))
         store = self._store_range(state, len(tokens), num_computed + num_scheduled)
         if store is not None:
             start, end = store
             plan.stores.append(StoreSpec(req_id, list(tokens[:end]), list(state.block_ids), start, end,
-                                         state.generation))  # fmt: skip
+                                         state.generation, state.salt))  # fmt: skip
             state.stored = end
         return plan
 

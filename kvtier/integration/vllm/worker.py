@@ -127,7 +127,7 @@ class Worker:
         ids = torch.tensor(spec.block_ids, dtype=torch.long)
         return self.engine.retrieve_into(
             spec.tokens, lambda lo, hi, kv: paged.scatter(ids, lo, kv), max_tokens=spec.end, start=spec.start,
-            device=paged.device,
+            device=paged.device, salt=spec.salt,
         )  # fmt: skip
 
     def save(self, plan: StepPlan) -> None:
@@ -167,7 +167,7 @@ class Worker:
         def gather(lo: int, hi: int) -> torch.Tensor:
             return compact(paged.gather(ids, lo, hi).to("cpu"))  # a partial last block was gathered whole
 
-        return self.engine.store_chunks(spec.tokens, gather, spec.start, spec.end)
+        return self.engine.store_chunks(spec.tokens, gather, spec.start, spec.end, spec.salt)
 
     def forget(self, req_ids: set[str]) -> None:
         """Drop what is kept about finished requests."""
