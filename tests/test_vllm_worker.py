@@ -209,6 +209,48 @@ def test_cpu_layout_reads_what_vllms_attention_kernel_writes(dtype, block_size, 
     check_cpu_layout(layout, block_size)  # the connector's start-up check agrees
 
 
+def _fp8_kv_on_this_cpu() -> bool:
+    """vLLM's CPU backend keeps fp8 KV caches only on x86 with AVX-512 or AMX."""
+    return bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
+
+
+@pytest.mark.skipif(not _fp8_kv_on_this_cpu(), reason="vLLM's CPU fp8 KV cache needs AVX-512 or AMX")
+@pytest.mark.parametrize(("cache_dtype", "dtype"), [("fp8", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)])
+def test_fp8_caches_are_read_as_vllm_writes_them(tmp_path, caplog, cache_dtype, dtype):
+    pytest.importorskip("vllm")
+    layout = KVLayout(3, 2, 64, dtype)
+    with caplog.at_level(logging.DEBUG, logger="kvtier.vllm"):
+        check_cpu_layout(layout, 32, torch.float32, cache_dtype)  # writes through vLLM's quantizing op
+    assert "matches kvtier's 'cpu' layout" in caplog.text and "could not check" not in caplog.text
+    # vLLM allocates fp8 caches as bytes: the worker reads them as the layout's dtype
+    engine = CacheEngine(Config.from_dict({"chunk_size": 64, "disk": {"path": str(tmp_path)}}), layout, "m")
+    worker = Worker(engine, 32, model_dtype=torch.float32, cache_dtype=cache_dtype)
+    gen = torch.Generator().manual_seed(0)
+    shape = expected_shape("cpu", layout, 6, 32)
+    raw = {f"layers.{i}.attn": torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8) for i in range(3)}
+    worker.register(raw)
+    tokens = list(range(100))
+    worker.save(StepPlan(stores=[StoreSpec("a", tokens, [0, 1, 2, 3], 0, 100)]))
+    engine.flush()
+    target = {name: torch.zeros_like(cache) for name, cache in raw.items()}
+    worker.register(target)
+    worker.load(StepPlan(loads=[LoadSpec("b", tokens, [5, 4, 3, 2], 0, 99)]))
+    assert worker.take_load_errors() == set()
+    for name in raw:  # bytes equal: every block whole, the last one up to token 99
+        for src, dst in [(0, 5), (1, 4), (2, 3)]:
+            assert torch.equal(target[name][dst], raw[name][src])
+        assert torch.equal(_tokens_of(target[name][2], 3), _tokens_of(raw[name][3], 3))
+    engine.close()
+
+
+def _tokens_of(block: torch.Tensor, n: int) -> torch.Tensor:
+    """The first `n` tokens of one CPU-layout block, K (columns) and V (rows): [heads, n, 2, dim]."""
+    heads, size, two_dim = block.shape
+    k = block.reshape(heads, 2 * size, two_dim // 2)[:, :size].reshape(heads, two_dim // 2, size)[:, :, :n]
+    v = block.reshape(heads, 2 * size, two_dim // 2)[:, size : size + n]
+    return torch.stack([k.transpose(1, 2), v], dim=2)
+
+
 def test_a_cpu_kernel_with_another_block_order_is_refused(monkeypatch):
     pytest.importorskip("vllm")
     from kvtier.adapters import paged
@@ -270,4 +312,20 @@ def test_connector_options_must_be_booleans():
     extra = {"load_partial_blocks": "no"}  # a string, not a JSON boolean
     config = SimpleNamespace(kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra))
     with pytest.raises(ConfigError, match="load_partial_blocks must be true or false, got 'no'"):
+        settings_from(config)
+
+
+def test_an_unsupported_kv_cache_dtype_is_a_clear_start_up_error():
+    from types import SimpleNamespace
+
+    from kvtier.errors import ConfigError
+    from kvtier.integration.vllm.setup import settings_from
+
+    config = SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={}),
+        model_config=SimpleNamespace(dtype=torch.bfloat16),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
+        cache_config=SimpleNamespace(cache_dtype="nvfp4"),
+    )
+    with pytest.raises(ConfigError, match="does not support vLLM's kv_cache_dtype 'nvfp4'; supported: auto, fp8"):
         settings_from(config)

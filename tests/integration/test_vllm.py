@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = [
     pytest.mark.vllm,
@@ -70,6 +71,22 @@ def test_second_instance_reuses_the_first_ones_kv(tmp_path, corpus):
     assert second["loaded"] == [2999]  # all but the last token, which vLLM computes to sample from
     assert second["stats"]["l2"]["hits"] >= 11
     assert second["outputs"] == first["outputs"] == plain["outputs"]
+
+
+@pytest.mark.skipif(
+    not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()),
+    reason="vLLM's CPU fp8 KV cache needs AVX-512 or AMX",
+)
+def test_fp8_kv_cache_is_reused_across_instances(tmp_path, corpus):
+    prompt = corpus[:1000]
+    disk = tmp_path / "disk"
+    first = run(tmp_path, [[prompt]], disk, kv_cache_dtype="fp8")
+    second = run(tmp_path, [[prompt]], disk, kv_cache_dtype="fp8")
+    plain = run(tmp_path, [[prompt]], kv_cache_dtype="fp8")
+    assert second["loaded"] == [999] and second["stats"]["l2"]["hits"] >= 4
+    assert second["outputs"] == first["outputs"] == plain["outputs"]
+    # a whole chunk: 256 tokens x 30 layers x K, V x 3 heads x 64, one byte each, and the header
+    assert max(p.stat().st_size for p in disk.rglob("*.kv")) == 256 * 30 * 2 * 3 * 64 + 128
 
 
 @pytest.mark.parametrize(("partial_blocks", "loaded"), [(True, [49, 511, 768]), (False, [384, 768])])

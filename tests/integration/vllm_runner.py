@@ -3,7 +3,7 @@
 Used by tests/integration/test_vllm.py, each call in its own process (like separate vLLM instances).
 
     python tests/integration/vllm_runner.py PROMPTS.json [--disk DIR] [--mp] [--prefix-caching] [--model DIR] [--tp N]
-        [--max-num-batched-tokens N] [--num-blocks N] [--max-model-len N]
+        [--max-num-batched-tokens N] [--num-blocks N] [--max-model-len N] [--kv-cache-dtype fp8]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (longer prompts: chunked prefill)")
     parser.add_argument("--num-blocks", type=int, help="KV cache blocks (few: vLLM preempts requests)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="vLLM's kv_cache_dtype (auto, fp8, fp8_e5m2, ...)")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.mp else "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -59,6 +60,7 @@ def main() -> None:
         enable_prefix_caching=args.prefix_caching,
         enforce_eager=True,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         seed=0,
         disable_log_stats=False,  # for the preemption count
         **kwargs,

@@ -63,7 +63,9 @@ class KVTierConnector(KVConnectorBase_V1):
                                     config.save_partial_chunks, self._settings.save_decode_tokens,
                                     self._settings.load_partial_blocks)  # fmt: skip
         else:
-            self._worker = Worker(self._engine, self._settings.block_size, _tp_agreement(self._settings.world_size))
+            settings = self._settings
+            self._worker = Worker(self._engine, settings.block_size, _tp_agreement(settings.world_size),
+                                  settings.model_dtype, settings.cache_dtype)  # fmt: skip
         log.info("kvtier connector (%s, pid %d) for %s: chunk %d, block %d, L1 %d bytes, disk %s", role.name,
                  os.getpid(), self._settings.model_id, config.chunk_size, self._settings.block_size, config.l1.size,
                  config.disk.path)  # fmt: skip

@@ -46,6 +46,8 @@ class ConnectorSettings:
     world_size: int
     save_decode_tokens: bool
     load_partial_blocks: bool
+    model_dtype: torch.dtype  # what the forward pass computes in
+    cache_dtype: str  # vLLM's kv_cache_dtype ("auto": the model's dtype)
 
 
 def settings_from(vllm_config: Any) -> ConnectorSettings:
@@ -63,7 +65,10 @@ def settings_from(vllm_config: Any) -> ConnectorSettings:
         raise ConfigError("KVTierConnector does not support pipeline parallelism yet (pipeline_parallel_size "
                           f"{parallel.pipeline_parallel_size}); use tensor parallelism")  # fmt: skip
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
-    dtype = model.dtype if cache_dtype == "auto" else _CACHE_DTYPES.get(cache_dtype, model.dtype)
+    if cache_dtype != "auto" and cache_dtype not in _CACHE_DTYPES:
+        raise ConfigError(f"kvtier does not support vLLM's kv_cache_dtype {cache_dtype!r}; supported: "
+                          f"auto, {', '.join(_CACHE_DTYPES)}")  # fmt: skip
+    dtype = model.dtype if cache_dtype == "auto" else _CACHE_DTYPES[cache_dtype]
     mla = bool(getattr(model, "use_mla", False))
     layout = KVLayout(
         num_layers=model.get_num_layers(parallel),
@@ -80,6 +85,8 @@ def settings_from(vllm_config: Any) -> ConnectorSettings:
         world_size=int(parallel.tensor_parallel_size),
         save_decode_tokens=options["save_decode_tokens"],
         load_partial_blocks=options["load_partial_blocks"],
+        model_dtype=model.dtype,
+        cache_dtype=cache_dtype,
     )
 
 

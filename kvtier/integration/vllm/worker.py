@@ -15,7 +15,7 @@ import torch
 from kvtier.adapters.paged import PagedKV
 from kvtier.engine import CacheEngine
 from kvtier.errors import LayoutError
-from kvtier.integration.vllm.cpu_check import check_cpu_layout
+from kvtier.integration.vllm.cpu_check import as_layout_dtype, check_cpu_layout
 from kvtier.integration.vllm.plan import LoadSpec, StepPlan, StoreSpec
 from kvtier.layout import compact
 
@@ -58,10 +58,15 @@ class Worker:
     (layers after the first mix every head's values).
     """
 
-    def __init__(self, engine: CacheEngine, block_size: int, agree: Agree | None = None) -> None:
+    def __init__(
+        self, engine: CacheEngine, block_size: int, agree: Agree | None = None,
+        model_dtype: torch.dtype | None = None, cache_dtype: str = "auto",
+    ) -> None:  # fmt: skip
         self.engine = engine
         self.block_size = block_size
         self.agree = agree
+        self.model_dtype = model_dtype  # what vLLM's forward computes in (the layout's dtype if None)
+        self.cache_dtype = cache_dtype  # vLLM's kv_cache_dtype: "auto" or an fp8 one
         self.paged: PagedKV | None = None
         self._load_errors: set[int] = set()
         self._failed: dict[str, int] = {}  # request -> generation whose KV was computed over a failed load
@@ -74,11 +79,11 @@ class Worker:
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Adopt vLLM's per-layer KV tensors (in layer order)."""
         layout = self.engine.layout
-        caches = [kv_caches[name] for name in layer_order(list(kv_caches))]
+        caches = [as_layout_dtype(kv_caches[name], layout.dtype) for name in layer_order(list(kv_caches))]
         kind = detect_kind(caches[0], layout.head_dim, self.block_size, layout.mla)
         self.paged = PagedKV(kind, layout, caches, self.block_size)
         if kind == "cpu" and caches[0].device.type == "cpu":
-            check_cpu_layout(layout, self.block_size)
+            check_cpu_layout(layout, self.block_size, self.model_dtype, self.cache_dtype)
         log.info("registered %d layers of %s paged KV (block size %d)", len(caches), kind, self.block_size)
 
     def load(self, plan: StepPlan) -> None:
