@@ -59,6 +59,14 @@ def test_missing_chunks_are_reported_as_load_errors(tmp_path):
     assert src.take_load_errors() == set()
 
 
+def test_a_draft_models_extra_layers_are_a_clear_error(tmp_path):
+    engine = CacheEngine(Config.from_dict({"chunk_size": CHUNK}), LAYOUT, "m")
+    kv = caches(0) | {"drafter.layers.0.attn": torch.zeros(expected_shape("cpu", LAYOUT, 12, BLOCK))}
+    with pytest.raises(LayoutError, match=r"registered 4 KV cache layers for a model of 3: .* draft model"):
+        Worker(engine, BLOCK).register(kv)
+    engine.close()
+
+
 def test_layer_order_and_layout_detection():
     assert layer_order(["m.layers.10.attn", "m.layers.2.attn", "m.layers.1.attn"]) == [
         "m.layers.1.attn", "m.layers.2.attn", "m.layers.10.attn",

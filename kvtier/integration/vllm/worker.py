@@ -80,6 +80,12 @@ class Worker:
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Adopt vLLM's per-layer KV tensors (in layer order)."""
         layout = self.engine.layout
+        if len(kv_caches) != layout.num_layers:
+            raise LayoutError(
+                f"vLLM registered {len(kv_caches)} KV cache layers for a model of {layout.num_layers}: kvtier "
+                "does not support the KV of a speculative-decoding draft model (EAGLE, MTP, a draft model) yet; "
+                "n-gram speculation works"
+            )
         caches = [as_layout_dtype(kv_caches[name], layout.dtype) for name in layer_order(list(kv_caches))]
         kind = detect_kind(caches[0], layout.head_dim, self.block_size, layout.mla)
         self.paged = PagedKV(kind, layout, caches, self.block_size)
