@@ -83,8 +83,8 @@ class Worker:
         if len(kv_caches) != layout.num_layers:
             raise LayoutError(
                 f"vLLM registered {len(kv_caches)} KV cache layers for a model of {layout.num_layers}: kvtier "
-                "does not support the KV of a speculative-decoding draft model (EAGLE, MTP, a draft model) yet; "
-                "n-gram speculation works"
+                "needs one per layer (more come from a speculative-decoding draft model such as EAGLE or MTP, "
+                "fewer from a hybrid model with Mamba layers; neither is supported yet, n-gram speculation is)"
             )
         caches = [as_layout_dtype(kv_caches[name], layout.dtype) for name in layer_order(list(kv_caches))]
         kind = detect_kind(caches[0], layout.head_dim, self.block_size, layout.mla)
