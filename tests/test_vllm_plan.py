@@ -115,7 +115,7 @@ def test_a_rollback_after_a_failed_load_stores_the_recomputed_chunks_in_a_new_ge
     # the load failed at token 12 (block 3): vLLM recomputes from there
     step = p.schedule("r", None, False, num_computed=12, num_scheduled=18)
     assert step.loads == []
-    assert [(s.start, s.end, s.generation) for s in step.stores] == [(8, 30, 1)]
+    assert [(s.start, s.end, s.generation, s.after_rollback) for s in step.stores] == [(8, 30, 1, True)]
     assert p.schedule("r", None, False, num_computed=30, num_scheduled=1).stores == []  # decode
 
 
@@ -138,9 +138,8 @@ def test_a_resumed_request_stores_in_a_new_generation():
     p.on_alloc("r", lambda: tokens, 30, num_external=0)
     assert [s.generation for s in p.schedule("r", list(range(8)), True, 0, 12).stores] == [0]
     p.on_alloc("r", lambda: tokens, 30, num_external=0)
-    assert [(s.start, s.end, s.generation) for s in p.schedule("r", list(range(8)), True, 12, 18).stores] == [
-        (8, 30, 1)
-    ]
+    stores = p.schedule("r", list(range(8)), True, 12, 18).stores
+    assert [(s.start, s.end, s.generation, s.after_rollback) for s in stores] == [(8, 30, 1, False)]  # not a rollback
 
 
 def test_a_requests_salt_reaches_its_lookup_loads_and_stores():

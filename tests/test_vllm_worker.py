@@ -104,7 +104,8 @@ def test_nothing_computed_over_a_failed_load_is_stored(tmp_path):
     worker.save(StepPlan(stores=[StoreSpec("b", tokens, [4, 5, 6, 7, 8], 16, 20)]))  # a later step, same generation
     assert not cached(partial)
     # vLLM rolled back and recomputed: the next generation's stores heal the cache
-    worker.save(StepPlan(stores=[StoreSpec("b", tokens, [4, 5, 6, 7, 8], 8, 20, generation=1)]))
+    recompute = StoreSpec("b", tokens, [4, 5, 6, 7, 8], 8, 20, generation=1, after_rollback=True)
+    worker.save(StepPlan(stores=[recompute]))
     assert worker.engine.lookup(tokens) == 20
     assert worker.stored_tokens == 16 + 12
 
@@ -164,35 +165,31 @@ def test_requests_sharing_the_blocks_of_a_failed_load_store_nothing_computed_ove
     worker.load(later)
     worker.save(later)
     assert worker.stored_tokens == 16  # neither b nor c stored
-    # b's next generation, still within a's failed step or the one after: nothing stored either (a
-    # request resumed after a preemption gets blocks from vLLM's prefix cache that it never computed)
-    worker.save(StepPlan(stores=[StoreSpec("b", other, b, 8, 24, generation=1)]))
-    assert worker.stored_tokens == 16
+    # vLLM rolled b back too: it recomputed from its first failed block, the shared ones included
+    worker.save(StepPlan(stores=[StoreSpec("b", other, b, 8, 24, generation=1, after_rollback=True)]))
+    assert worker.stored_tokens == 16 + 16
     after = StepPlan(stores=[StoreSpec("d", tokens, a, 16, 24)])
     worker.load(after)  # two steps later: the failed load's blocks were recomputed
     worker.save(after)
-    assert worker.stored_tokens == 16 + 8
+    assert worker.stored_tokens == 16 + 16 + 8
 
 
-def test_a_recompute_over_another_requests_failed_load_is_not_stored(tmp_path):
+def test_a_request_resumed_over_a_failed_load_stores_nothing_computed_over_it(tmp_path):
     tokens = list(range(100, 124))
     worker, _ = make_worker(tmp_path, seed=1)
     worker.save(StepPlan(stores=[StoreSpec("seed", tokens[:16], list(range(4)), 0, 16)]))
     for tier in worker.engine.chain.tiers:
         tier.delete(worker.engine.chunks(tokens)[1].key)
-    a, b = [4, 5, 6, 7, 8, 9], [4, 5, 6, 7, 10, 11]  # b shares a's first 4 blocks (vLLM's prefix cache)
-    worker.load(StepPlan(loads=[LoadSpec("a", tokens, a, 0, 16)]))  # fails at block 6: a rolls back
-    for _ in range(2):  # two steps apart, so that a's own failure no longer taints
-        worker.load(StepPlan())
-    # a's recompute (generation 1) runs in the step where b's load over the same blocks fails
-    step = StepPlan(loads=[LoadSpec("b", tokens, b, 0, 16)], stores=[StoreSpec("a", tokens, a, 8, 24, generation=1)])
+    a = [4, 5, 6, 7, 8, 9]
+    worker.load(StepPlan(loads=[LoadSpec("a", tokens, a, 0, 16)]))  # fails at block 6
+    # a is preempted before its recompute and resumed (a new generation, not a rollback): vLLM's
+    # prefix cache hands it its blocks back, 6 and 7 still unfilled
+    step = StepPlan(stores=[StoreSpec("a", tokens, a, 16, 24, generation=1)])
     worker.load(step)
     worker.save(step)
-    assert worker.stored_tokens == 16  # a attended to blocks b's load never filled: nothing stored
-    # a's own recompute right after its own failed load (the previous step) is stored
-    worker.load(StepPlan(loads=[LoadSpec("e", tokens, [0, 1, 2, 3, 10, 11], 0, 16)]))  # fails: e rolls back
-    worker.load(StepPlan())
-    worker.save(StepPlan(stores=[StoreSpec("e", tokens, [0, 1, 2, 3, 10, 11], 8, 24, generation=1)]))
+    assert worker.stored_tokens == 16
+    # a rollback instead: a recomputed from block 6, and its stores are kept
+    worker.save(StepPlan(stores=[StoreSpec("a", tokens, a, 8, 24, generation=2, after_rollback=True)]))
     assert worker.stored_tokens == 16 + 16
 
 

@@ -40,6 +40,10 @@ class StoreSpec:
     end: int
     generation: int = 0
     salt: str | None = None
+    # the generation began with vLLM's rollback after a failed load, which recomputes every block
+    # from the first failed one (not with a resume after a preemption, which may get such blocks
+    # unfilled from vLLM's prefix cache)
+    after_rollback: bool = False
 
 
 @dataclass(slots=True)
@@ -60,6 +64,7 @@ class _Request:
     expected: int | None = None  # tokens computed once the last scheduled step ran (None: newly allocated)
     generation: int = 0  # rollbacks seen (see StoreSpec)
     salt: str | None = None
+    after_rollback: bool = False  # the generation began with a rollback (see StoreSpec)
 
 
 class Planner:
@@ -116,6 +121,7 @@ class Planner:
             state = self.requests[req_id] = _Request(tokens, prompt_len, salt=salt)
         else:  # resumed after a preemption: a new generation (a rollback before it would go unseen)
             state.generation += 1
+            state.after_rollback = False
         state.external = num_external
         state.stored = max(state.stored, self._found.pop(req_id, 0))
         state.expected = None
@@ -142,6 +148,7 @@ class Planner:
             # cache heals (a corrupt chunk was deleted when it was found).
             state.stored = _floor(num_computed, self.chunk_size)
             state.generation += 1
+            state.after_rollback = True
         state.expected = num_computed + num_scheduled
         if state.external:
             start, end = num_computed - state.external, num_computed
@@ -154,7 +161,7 @@ class Planner:
         if store is not None:
             start, end = store
             plan.stores.append(StoreSpec(req_id, list(tokens[:end]), list(state.block_ids), start, end,
-                                         state.generation, state.salt))  # fmt: skip
+                                         state.generation, state.salt, state.after_rollback))  # fmt: skip
             state.stored = end
         return plan
 

@@ -71,9 +71,8 @@ class Worker:
         self._load_errors: set[int] = set()
         self._failed: dict[str, int] = {}  # request -> generation whose KV was computed over a failed load
         # blocks of this step's failed loads, and of the step before (async scheduling plans a step
-        # ahead), with the requests whose loads failed there: another request sharing them through
-        # vLLM's prefix cache computed over them too
-        self._tainted: tuple[dict[int, set[str]], dict[int, set[str]]] = ({}, {})
+        # ahead): another request sharing them through vLLM's prefix cache computed over them too
+        self._tainted: tuple[set[int], set[int]] = (set(), set())
         self.loaded_tokens = 0
         self.stored_tokens = 0
 
@@ -115,27 +114,21 @@ class Worker:
             except Exception:  # ranks that cannot agree store nothing of this step's loads
                 log.exception("combining load results across tensor-parallel ranks failed")
                 short.fill_(1)
-        tainted: dict[int, set[str]] = {}
+        tainted: set[int] = set()
         for spec, failed in zip(plan.loads, short.tolist(), strict=True):
             if not failed:
                 self._failed.pop(spec.req_id, None)  # a request id seen before, loaded in full
                 continue
             self._mark_failed(spec.req_id, spec.generation)
             # the whole range: another rank may have failed earlier in it than this one
-            for block in self._span(spec.block_ids, spec.start, spec.end):
-                tainted.setdefault(block, set()).add(spec.req_id)
+            tainted.update(self._span(spec.block_ids, spec.start, spec.end))
         self._tainted = (tainted, self._tainted[0])
 
-    def _tainted_by_others(self, spec: StoreSpec) -> bool:
-        """Whether `spec`'s blocks include one of another request's failed load, this step or the last."""
+    def _over_failed_load(self, spec: StoreSpec) -> bool:
+        """Whether `spec`'s blocks include one of a failed load's, this step or the last."""
         if not (self._tainted[0] or self._tainted[1]):
             return False
-        for block in self._span(spec.block_ids, 0, spec.end):
-            for taint in self._tainted:
-                owners = taint.get(block)
-                if owners and (len(owners) > 1 or spec.req_id not in owners):
-                    return True
-        return False
+        return any(block in taint for block in self._span(spec.block_ids, 0, spec.end) for taint in self._tainted)
 
     def _span(self, block_ids: list[int], start: int, end: int) -> list[int]:
         """The ids of the blocks holding tokens [start, end)."""
@@ -163,14 +156,14 @@ class Worker:
         them), in this step or the next, whatever its generation (a request resumed after a
         preemption gets such blocks from the prefix cache without computing them): a miss later
         rather than wrong KV. vLLM drops the step's token and recomputes from the first failed
-        block; the planner plans the stores of that recompute in the next generation, which a
-        request's own failed load does not stop.
+        block; the planner plans the stores of that recompute in the next generation, which no
+        taint stops (`after_rollback`: it recomputed every failed block it holds).
         """
         for spec in plan.stores:
             failed = self._failed.get(spec.req_id)
-            # a request's own failed load is its generation's business (the recompute after its
-            # rollback rewrote those blocks); another request's failed load taints its blocks
-            if (failed is None or spec.generation > failed) and self._tainted_by_others(spec):
+            # after vLLM's rollback the request recomputed every block from its first failed one
+            fresh = failed is None or spec.generation > failed
+            if fresh and not spec.after_rollback and self._over_failed_load(spec):
                 self._mark_failed(spec.req_id, spec.generation)
                 failed = spec.generation
             if failed is not None and spec.generation <= failed:
