@@ -8,8 +8,9 @@ Chunk i covers tokens [i*C, min((i+1)*C, n)) for chunk size C. Its digest is
 with H = blake3 (default), sha256 or xxh3-128. A digest therefore identifies a chunk *and its whole
 prefix*, is identical across processes and machines, and never depends on Python's `hash()`.
 A key also carries a namespace (model, KV layout, rank, codec, tenant, hash) so that KV of different
-models, layouts, ranks or tenants never meet; a request may add a salt of its own (`salted`: vLLM's
-per-request cache salt, a LoRA adapter), which derives another namespace from it. String form:
+models, layouts, ranks or tenants never meet; a request may add a salt of its own (vLLM's
+per-request cache salt, a LoRA adapter), from which `salted_namespace` derives another namespace
+and `SaltedHashers` a hasher under it. String form:
 `kvtier/<namespace hex>/<digest hex>`.
 """
 
