@@ -49,15 +49,14 @@ def serve(n: int) -> None:
     """The peer process: L1 with n chunks behind the kvtier protocol, and a raw sender; prints both ports."""
     from kvtier.cluster.peer import serve_peers
 
-    config = Config.from_dict({"l1": {"size": "4GiB"}, "cluster": {"advertise": "127.0.0.1:0"}})
-    engine = CacheEngine(config, LAYOUT)
+    engine = CacheEngine(Config.from_dict({"l1": {"size": "4GiB"}}), LAYOUT)
     assert engine.chain.l1 is not None
     objects = []
     for key, kv in zip(keys(n), chunks(n), strict=True):
         engine.chain.l1.put(key, kv)
         header, payload = encode_object(key, LAYOUT, RawCodec(), kv)
         objects.append(header + bytes(payload))
-    server = serve_peers(engine)
+    server = serve_peers(engine, "127.0.0.1", 0)
     raw = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_raw_sender, args=(raw, objects), daemon=True).start()
     print(server.address[1], raw.getsockname()[1], flush=True)

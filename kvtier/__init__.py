@@ -5,8 +5,9 @@ from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, CorruptObjectError, KVTierError, LayoutError, TierError, TokenError
 from kvtier.keys import Chunk, ChunkKey
 from kvtier.layout import KVLayout
+from kvtier.node import Node
+from kvtier.version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "CacheEngine",
     "Chunk",
@@ -17,6 +18,7 @@ __all__ = [
     "KVLayout",
     "KVTierError",
     "LayoutError",
+    "Node",
     "TierError",
     "TokenError",
     "__version__",

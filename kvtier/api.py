@@ -12,18 +12,30 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from kvtier.config import Config
     from kvtier.engine import CacheEngine
+
+
+class Node(Protocol):
+    """What the API serves: an engine, the config it was built from, and its cluster agent (or None).
+    kvtier.node.Node is one; the API does not import it (the node starts the API)."""
+
+    engine: "CacheEngine"
+    config: "Config"
+    agent: Any
+    rank: int
+
 
 log = logging.getLogger("kvtier.api")
 TOKEN_ENV = "KVTIER_ADMIN_TOKEN"  # bearer token of the admin API (not a config key: never printed)
 OPEN_PATHS = ("/health", "/metrics")  # routes that need no token (probes and scrapers)
 
 
-def create_admin_app(engine: "CacheEngine", token: str = "") -> Any:
-    """The FastAPI application of one instance's admin API."""
+def create_admin_app(node: "Node", token: str = "") -> Any:
+    """The FastAPI application of one instance's admin API (the engine of `node`, and its agent)."""
     from fastapi import Depends, FastAPI, HTTPException, Request
 
     def check(request: Request) -> None:
@@ -33,31 +45,32 @@ def create_admin_app(engine: "CacheEngine", token: str = "") -> Any:
                 raise HTTPException(401, "missing or wrong bearer token")
 
     app = FastAPI(title="kvtier instance", docs_url=None, redoc_url=None, dependencies=[Depends(check)])
-    _read_routes(app, engine)
-    _cache_routes(app, engine)
+    _read_routes(app, node)
+    _cache_routes(app, node)
     return app
 
 
-def _read_routes(app: Any, engine: "CacheEngine") -> None:
+def _read_routes(app: Any, node: "Node") -> None:
     """health, config, stats, metrics."""
     from fastapi.responses import Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from kvtier.metrics import engine_registry
 
-    registry = engine_registry(engine)
+    engine = node.engine
+    registry = engine_registry(engine, lambda: node.agent)
     started = time.monotonic()
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        agent = engine.agent
+        agent = node.agent
         cluster = None if agent is None else {"registered": agent.registered, "synced": agent.synced}
-        return {"status": "ok", "model": engine.model_id, "uptime_s": round(time.monotonic() - started, 1),
-                "cluster": cluster}  # fmt: skip
+        return {"status": "ok", "model": engine.model_id, "rank": node.rank,
+                "uptime_s": round(time.monotonic() - started, 1), "cluster": cluster}  # fmt: skip
 
     @app.get("/config")
     def config() -> dict[str, Any]:
-        return {**engine.config.to_dict(), "namespace": engine.hasher.namespace.hex()}
+        return {**node.config.to_dict(), "namespace": engine.hasher.namespace.hex()}
 
     @app.get("/stats")
     def stats() -> dict[str, Any]:
@@ -68,9 +81,12 @@ def _read_routes(app: Any, engine: "CacheEngine") -> None:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _cache_routes(app: Any, engine: "CacheEngine") -> None:
+def _cache_routes(app: Any, node: "Node") -> None:
     """clear, pin, unpin, fetch (a move's destination side)."""
     from fastapi import HTTPException
+
+    engine = node.engine
+    peer_timeout = node.config.cluster.peer_timeout_ms / 1e3
 
     @app.post("/clear")
     def clear() -> dict[str, Any]:
@@ -95,7 +111,7 @@ def _cache_routes(app: Any, engine: "CacheEngine") -> None:
         address = body.get("address")
         if not isinstance(address, str) or ":" not in address:
             raise HTTPException(400, "expected {address: host:port, namespace, hashes}")
-        return {"stored": fetch_from(engine, address, _keys(body))}
+        return {"stored": fetch_from(engine, address, _keys(body), peer_timeout)}
 
 
 def _keys(body: dict[str, Any]) -> list[Any]:
@@ -117,13 +133,13 @@ def _keys(body: dict[str, Any]) -> list[Any]:
 class AdminServer:
     """The admin API served by uvicorn on a daemon thread."""
 
-    def __init__(self, engine: "CacheEngine", host: str, port: int) -> None:
+    def __init__(self, node: "Node", host: str, port: int) -> None:
         import uvicorn
 
-        app = create_admin_app(engine, os.environ.get(TOKEN_ENV, ""))
+        app = create_admin_app(node, os.environ.get(TOKEN_ENV, ""))
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
         self.url = f"http://{host}:{port}"
-        self._thread = threading.Thread(target=self.server.run, name="kvtier-admin", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="kvtier-admin", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
@@ -131,6 +147,12 @@ class AdminServer:
         if not self.server.started:
             raise OSError(f"admin API could not listen on {host}:{port} (see the log)")
         log.info("admin API on %s", self.url)
+
+    def _serve(self) -> None:
+        try:
+            self.server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind; it logged why, and __init__ raises
+            pass
 
     def close(self) -> None:
         """Stop serving."""

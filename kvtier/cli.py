@@ -1,4 +1,8 @@
-"""The `kvtier` command line: demo, config, model, inspect, server, controller."""
+"""The `kvtier` command line (also `python -m kvtier`): demo, config, model, inspect, server, controller.
+
+A bad configuration (KVTIER_* or LMCACHE_* variables, a config file) or another kvtier error is
+reported as one line on stderr with exit status 2, never as a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvtier import __version__
+from kvtier.errors import KVTierError
+from kvtier.version import __version__
 
 DESCRIPTION = """kvtier stores the KV cache of LLM serving engines outside GPU memory and reuses it,
 so a prompt whose prefix was seen before is not prefilled again."""
@@ -80,7 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `kvtier` command; its exit status."""
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KVTierError as exc:
+        name = f"kvtier {args.command}" if args.command else "kvtier"
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return _demo(args)
     if args.command == "config":
@@ -114,7 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import importlib.util
 
+    from kvtier.config import Config
     from kvtier.demo import hf_demo
+
+    Config.load()  # a bad configuration stops here, before a model loads or a process starts
 
     if args.restart_check:
         return hf_demo.restart_check(args.restart_check)

@@ -2,20 +2,22 @@
 
 `Config.load()` reads, in increasing precedence: defaults, an upstream LMCache YAML file
 (`LMCACHE_CONFIG_FILE`), `LMCACHE_*` variables, a kvtier YAML file (`KVTIER_CONFIG`) and `KVTIER_*`
-variables. Loading lives in `config_load.py`; this module owns the fields and their validation.
+variables. This module owns the fields and their validation; `config_load.py`, below it, reads
+sources into any such dataclass tree and knows nothing of these fields but their metadata.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvtier import config_load
 from kvtier.codec.spec import parse_spec
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, closest
 from kvtier.units import GiB
+from kvtier.urls import parse_url
 
 HASHES = ("blake3", "sha256", "xxh128")
 POLICIES = ("lru", "lfu", "fifo", "mru")
@@ -30,12 +32,6 @@ def _opt(kind: str, default: Any, doc: str) -> Any:
     return field(default=default, metadata={"kind": kind, "doc": doc})
 
 
-def closest(word: str, choices: Iterable[str]) -> str:
-    """Return " (did you mean 'x'?)" for the closest choice, or "" when none is close."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}{closest(str(value), choices)}")
@@ -46,7 +42,7 @@ class L1Config:
     """The CPU memory tier."""
 
     size: int = _size(4 * GiB, "bytes of KV held in CPU memory; 0 disables the tier")
-    policy: str = _opt("str", "lru", "eviction policy: lru, lfu, fifo or mru")
+    policy: str = _opt("choice", "lru", "eviction policy: lru, lfu, fifo or mru")
 
     def __post_init__(self) -> None:
         _check_choice("l1.policy", self.policy, POLICIES)
@@ -58,7 +54,7 @@ class DiskConfig:
 
     path: str | None = _opt("optstr", None, "directory of the disk tier; unset disables it")
     size: int = _size(16 * GiB, "bytes of KV kept on disk before eviction")
-    policy: str = _opt("str", "lru", "eviction policy: lru, lfu, fifo or mru")
+    policy: str = _opt("choice", "lru", "eviction policy: lru, lfu, fifo or mru")
     fsync: bool = _opt("bool", False, "fsync each object before it becomes visible (slower)")
 
     def __post_init__(self) -> None:
@@ -72,7 +68,7 @@ class RemoteConfig:
     """The remote (L3) tier, selected by URL (redis://, redis+cluster://, redis+sentinel://, s3://, fs://, kvtier://)."""
 
     url: str | None = _opt("optstr", None, "remote tier URL; unset disables it")
-    codec: str = _opt("str", "raw", "codec spec of objects written to the remote tier (see `codec`)")
+    codec: str = _opt("choice", "raw", "codec spec of objects written to the remote tier (see `codec`)")
     lookup_timeout_ms: int = _opt("int", 50, "deadline of a remote lookup (one batched exists), milliseconds")
     timeout_ms: int = _opt("int", 2000, "deadline of one remote get, put or delete, milliseconds")
     connect_timeout_ms: int = _opt("int", 500, "deadline to open a connection, milliseconds")
@@ -88,8 +84,6 @@ class RemoteConfig:
         if self.backoff_max_ms < self.backoff_ms:
             raise ConfigError(f"remote.backoff_max_ms: {self.backoff_max_ms} is below backoff_ms {self.backoff_ms}")
         if self.url is not None:
-            from kvtier.storage.remote import parse_url
-
             parse_url(self.url)
 
 
@@ -147,12 +141,12 @@ class Config:
     """Everything a CacheEngine needs to know besides the model and its KV layout."""
 
     chunk_size: int = _opt("int", 256, "tokens per chunk (a multiple of the engine's block size)")
-    hash: str = _opt("str", "blake3", "chunk hash: blake3, sha256 or xxh128")
+    hash: str = _opt("choice", "blake3", "chunk hash: blake3, sha256 or xxh128")
     save_partial_chunks: bool = _opt("bool", True, "also store a trailing chunk shorter than chunk_size")
-    codec: str = _opt("str", "raw", "codec of disk objects: raw, fp8, fp8-e5m2, kivi-2, kivi-4, cachegen[:opt=v,..]")
+    codec: str = _opt("choice", "raw", "codec of disk objects: raw, fp8, fp8-e5m2, kivi-2, kivi-4, cachegen[:opt=v,..]")
     tenant: str = _opt("str", "", "salt mixed into every key; tenants never share KV")
     write_queue: int = _opt("int", 256, "pending lower-tier writes (chunks) before the oldest is dropped")
-    log_level: str = _opt("str", "warning", "logging level of the kvtier logger")
+    log_level: str = _opt("choice", "warning", "logging level of the kvtier logger")
     l1: L1Config = field(default_factory=L1Config)
     disk: DiskConfig = field(default_factory=DiskConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
@@ -171,22 +165,20 @@ class Config:
     @classmethod
     def load(cls, path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
         """Build a Config from YAML files and environment variables (see module docstring)."""
-        from kvtier.config_load import load
-
-        return load(path, env)
+        return config_load.load(cls, path, env)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "dict") -> Config:
         """Build a Config from a nested mapping like the YAML file; unknown keys are errors."""
-        from kvtier.config_load import build
-
-        return build([(source, False, flatten(data, source))])
+        return config_load.build(cls, [(source, False, config_load.flatten(cls, data, source))])
 
     def merged(self, overrides: Mapping[str, Any], source: str = "overrides") -> Config:
         """A copy with `overrides` (nested like the YAML file) applied and validated."""
-        from kvtier.config_load import build
-
-        return build([("base", False, flatten(self.to_dict(), "base")), (source, False, flatten(overrides, source))])
+        cls = type(self)
+        base = config_load.flatten(cls, self.to_dict(), "base")
+        return config_load.build(
+            cls, [("base", False, base), (source, False, config_load.flatten(cls, overrides, source))]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as a nested dict, the shape of the YAML file."""
@@ -195,40 +187,3 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """Return a copy with top-level fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-
-SECTIONS: dict[str, type] = {
-    "l1": L1Config,
-    "disk": DiskConfig,
-    "remote": RemoteConfig,
-    "cluster": ClusterConfig,
-    "admin": AdminConfig,
-}
-
-
-def leaf_fields() -> dict[str, dataclasses.Field[Any]]:
-    """Map every dotted key ("chunk_size", "l1.size", ...) to its dataclass field."""
-    out: dict[str, dataclasses.Field[Any]] = {}
-    for f in dataclasses.fields(Config):
-        if f.name in SECTIONS:
-            for sub in dataclasses.fields(SECTIONS[f.name]):
-                out[f"{f.name}.{sub.name}"] = sub
-        else:
-            out[f.name] = f
-    return out
-
-
-def flatten(data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Flatten {"l1": {"size": x}} into {"l1.size": x}; reject unknown keys."""
-    keys = leaf_fields()
-    out: dict[str, Any] = {}
-    for name, value in data.items():
-        if name in SECTIONS and isinstance(value, Mapping):
-            for sub, subvalue in value.items():
-                out[f"{name}.{sub}"] = subvalue
-        else:
-            out[str(name)] = value
-    for key in out:
-        if key not in keys:
-            raise ConfigError(f"unknown key '{key}' in {source}{closest(key, keys)}")
-    return out

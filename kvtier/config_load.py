@@ -3,19 +3,23 @@
 Precedence, lowest first: defaults, LMCache YAML (`LMCACHE_CONFIG_FILE`), `LMCACHE_*` variables,
 kvtier YAML (`KVTIER_CONFIG`), `KVTIER_*` variables. A key that an LMCache source and a kvtier
 source both set to different values is an error: we never silently pick one of two user settings.
+
+This module sits below `config.py`: it reads sources into any frozen dataclass tree (a root whose
+sections are dataclass fields with a `default_factory`, every leaf field with a "kind" in its
+metadata) and is handed the root class, so the two never import each other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from kvtier.config import SECTIONS, Config, closest, flatten, leaf_fields
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, closest
 from kvtier.units import GiB, parse_bool, parse_size
 
 log = logging.getLogger("kvtier.config")
@@ -25,11 +29,11 @@ Source = tuple[str, bool, dict[str, Any]]
 # variables of kvtier that are not config keys: the config file, the tokens of the kvtier server, the
 # cluster controller and the admin API (never in a config file or its printout)
 RESERVED_ENV = {"KVTIER_CONFIG", "KVTIER_SERVER_TOKEN", "KVTIER_CONTROLLER_TOKEN", "KVTIER_ADMIN_TOKEN"}
-_CHOICE_KEYS = {"hash", "codec", "log_level", "l1.policy", "disk.policy", "remote.codec"}
+C = TypeVar("C")  # the root dataclass of a config tree
 
 
-def load(path: str | None, env: Mapping[str, str] | None) -> Config:
-    """Read every source in precedence order and build the Config."""
+def load(root: type[C], path: str | None, env: Mapping[str, str] | None) -> C:
+    """Read every source in precedence order and build the config tree of `root`."""
     env = os.environ if env is None else env
     sources: list[Source] = []
     lmcache_file = env.get("LMCACHE_CONFIG_FILE")
@@ -38,9 +42,48 @@ def load(path: str | None, env: Mapping[str, str] | None) -> Config:
     sources.append(("LMCACHE_* variables", True, lmcache_env(env)))
     path = path or env.get("KVTIER_CONFIG")
     if path:
-        sources.append((path, False, flatten(read_yaml(path), path)))
-    sources.append(("KVTIER_* variables", False, kvtier_env(env)))
-    return build(sources)
+        sources.append((path, False, flatten(root, read_yaml(path), path)))
+    sources.append(("KVTIER_* variables", False, kvtier_env(root, env)))
+    return build(root, sources)
+
+
+def sections(root: type) -> dict[str, type]:
+    """The sections of a config tree: {"l1": L1Config, ...}."""
+    return {
+        f.name: f.default_factory  # type: ignore[misc]
+        for f in dataclasses.fields(root)
+        if dataclasses.is_dataclass(f.default_factory)
+    }
+
+
+def leaf_fields(root: type) -> dict[str, dataclasses.Field[Any]]:
+    """Map every dotted key ("chunk_size", "l1.size", ...) of a config tree to its dataclass field."""
+    out: dict[str, dataclasses.Field[Any]] = {}
+    parts = sections(root)
+    for f in dataclasses.fields(root):
+        if f.name in parts:
+            for sub in dataclasses.fields(parts[f.name]):
+                out[f"{f.name}.{sub.name}"] = sub
+        else:
+            out[f.name] = f
+    return out
+
+
+def flatten(root: type, data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Flatten {"l1": {"size": x}} into {"l1.size": x}; reject keys `root` does not have."""
+    keys = leaf_fields(root)
+    parts = sections(root)
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in parts and isinstance(value, Mapping):
+            for sub, subvalue in value.items():
+                out[f"{name}.{sub}"] = subvalue
+        else:
+            out[str(name)] = value
+    for key in out:
+        if key not in keys:
+            raise ConfigError(f"unknown key '{key}' in {source}{closest(key, keys)}")
+    return out
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -64,9 +107,9 @@ def env_name(key: str) -> str:
     return "KVTIER_" + key.replace(".", "_").upper()
 
 
-def kvtier_env(env: Mapping[str, str]) -> dict[str, Any]:
+def kvtier_env(root: type, env: Mapping[str, str]) -> dict[str, Any]:
     """Collect KVTIER_* variables; an unknown one is an error naming the closest valid name."""
-    names = {env_name(key): key for key in leaf_fields()}
+    names = {env_name(key): key for key in leaf_fields(root)}
     out: dict[str, Any] = {}
     for name, value in env.items():
         if not name.startswith("KVTIER_") or name in RESERVED_ENV:
@@ -80,9 +123,10 @@ def kvtier_env(env: Mapping[str, str]) -> dict[str, Any]:
 # --- parsing -------------------------------------------------------------------------------------
 
 
-def parse_value(key: str, value: Any, source: str) -> Any:
-    """Convert a raw YAML or environment value to the type of `key`'s field."""
-    kind = leaf_fields()[key].metadata["kind"]
+def parse_value(root: type, key: str, value: Any, source: str) -> Any:
+    """Convert a raw YAML or environment value to the type of `key`'s field ("choice" fields are
+    lowercased: one of a few words)."""
+    kind = leaf_fields(root)[key].metadata["kind"]
     try:
         if kind == "size":
             return parse_size(value)
@@ -93,7 +137,7 @@ def parse_value(key: str, value: Any, source: str) -> Any:
         if kind == "optstr":
             return None if value is None or str(value).strip() in ("", "None", "null") else str(value)
         text = "" if value is None else str(value)
-        return text.lower() if key in _CHOICE_KEYS else text
+        return text.lower() if kind == "choice" else text
     except ValueError as exc:
         raise ConfigError(f"{key} (from {source}): {exc}") from exc
 
@@ -107,13 +151,13 @@ def _parse_int(value: Any) -> int:
         raise ValueError(f"expected an integer, got {value!r}") from None
 
 
-def build(sources: list[Source]) -> Config:
-    """Merge parsed sources (later wins) and construct the validated dataclass tree."""
+def build(root: type[C], sources: list[Source]) -> C:
+    """Merge parsed sources (later wins) and construct the validated dataclass tree of `root`."""
     merged: dict[str, Any] = {}
     origin: dict[str, tuple[str, bool]] = {}
     for source, is_lmcache, values in sources:
         for key, raw in values.items():
-            value = parse_value(key, raw, source)
+            value = parse_value(root, key, raw, source)
             if key in merged and merged[key] != value and origin[key][1] != is_lmcache:
                 raise ConfigError(
                     f"{key} is set to {merged[key]!r} by {origin[key][0]} and to {value!r} by {source}; "
@@ -121,15 +165,16 @@ def build(sources: list[Source]) -> Config:
                 )
             merged[key], origin[key] = value, (source, is_lmcache)
     top: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    parts = sections(root)
+    nested: dict[str, dict[str, Any]] = {name: {} for name in parts}
     for key, value in merged.items():
         section, _, sub = key.partition(".")
         if sub:
             nested[section][sub] = value
         else:
             top[key] = value
-    sections = {name: cls(**nested[name]) for name, cls in SECTIONS.items()}
-    return Config(**top, **sections)
+    built = {name: cls(**nested[name]) for name, cls in parts.items()}
+    return root(**top, **built)
 
 
 # --- LMCache compatibility -----------------------------------------------------------------------

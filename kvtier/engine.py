@@ -1,8 +1,9 @@
 """CacheEngine: lookup / store / retrieve / prefetch of KV over token sequences.
 
 The engine owns the chunking and keys (keys.py), the tiers (storage/) and the layout checks; it
-knows nothing about serving engines. Adapters use `store_chunks` and `retrieve_into` to move KV
-between an engine's own memory and chunk tensors without an intermediate full-size copy.
+knows nothing about serving engines, HTTP, metrics or the cluster (kvtier.node starts those).
+Adapters use `store_chunks` and `retrieve_into` to move KV between an engine's own memory and
+chunk tensors without an intermediate full-size copy.
 """
 
 from __future__ import annotations
@@ -83,47 +84,12 @@ class CacheEngine:
         self._prefill_done = threading.Event()  # set by store and flush: deferred promotions may run
         self._closed = False
         self.observer: Observer | None = None  # told how long each lookup, retrieve and store took (metrics)
-        self.admin = None
-        self.peer_server: Any = None  # the kvtier server over this engine's tiers (cluster.advertise)
-        if self.config.admin.port:
-            from kvtier.api import AdminServer
+        if self.config.admin.port or self.config.cluster.controller_url:
+            log.warning("CacheEngine ignores the admin and cluster settings (admin.port %s, cluster.controller_url "
+                        "%s): build a kvtier.node.Node to start those services", self.config.admin.port,
+                        self.config.cluster.controller_url)  # fmt: skip
 
-            self.admin = AdminServer(self, self.config.admin.host, self.config.admin.port)
-        self.agent = None if self.config.cluster.controller_url is None else self._join_cluster()
-
-    def _join_cluster(self) -> Any:
-        """Report this engine's L1 and disk chunks to the cluster controller; serve them to peers
-        (`cluster.advertise`) and fetch from peers (`cluster.peer_fetch`) if configured."""
-        from kvtier.cluster import peer
-        from kvtier.cluster.agent import ClusterAgent
-        from kvtier.cluster.state import Registration
-
-        cfg = self.config.cluster
-        tiers = self._local_tiers()
-        address = ""
-        if cfg.advertise:
-            self.peer_server = peer.serve_peers(self)
-            address = f"{cfg.advertise.rpartition(':')[0]}:{self.peer_server.address[1]}"  # port 0: the bound one
-        if cfg.peer_fetch:
-            peer.add_peer_tier(self)
-        reg = Registration(
-            id=cfg.instance_id, model=self.model_id, namespace=self.hasher.namespace.hex(),
-            chunk_size=self.hasher.chunk_size, hash=self.hasher.hash_name, save_partial=self.hasher.save_partial,
-            heartbeat_s=cfg.heartbeat_ms / 1000, address=address,
-            admin_url="" if self.admin is None else self.admin.url,
-        )  # fmt: skip
-        return ClusterAgent(cfg, reg, tiers, self._heartbeat_stats)
-
-    def _heartbeat_stats(self) -> dict[str, float]:
-        """What the controller's dashboard shows of this engine: lookups, hits, tier usage."""
-        c = self.counters
-        out = {"lookup_tokens": float(c.lookup_tokens), "hit_tokens": float(c.lookup_hit_tokens)}
-        for tier in self._local_tiers():
-            out[f"{tier.name}_bytes"] = float(tier.stats.bytes)
-            out[f"{tier.name}_capacity"] = float(tier.capacity)
-        return out
-
-    def _local_tiers(self) -> list[CPUTier | FileTier]:
+    def local_tiers(self) -> list[CPUTier | FileTier]:
         """This instance's own tiers (L1 and disk), not shared remote or peer tiers."""
         return [t for t in self.chain.tiers if isinstance(t, (CPUTier, FileTier))]
 
@@ -335,7 +301,7 @@ class CacheEngine:
         return how many were removed. Chunks being read stay."""
         self.flush()
         removed = 0
-        for tier in self._local_tiers():
+        for tier in self.local_tiers():
             removed += sum(tier.delete(key) for key in tier.held_keys())
         return removed
 
@@ -346,12 +312,6 @@ class CacheEngine:
         self._closed = True
         self._prefill_done.set()  # deferred jobs run now instead of waiting out their second
         self._prefetcher.shutdown(wait=True)
-        if self.agent is not None:
-            self.agent.close()
-        if self.admin is not None:
-            self.admin.close()
-        if self.peer_server is not None:
-            self.peer_server.stop()
         self.chain.close()
 
     def stats(self) -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""The few exception types kvtier raises.
+"""The few exception types kvtier raises, and the "did you mean" hint their messages share.
 
 A cache miss is never an exception: lookups return 0 and retrieves return an empty tensor.
 Exceptions are for programming and configuration errors the caller must fix.
 """
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class KVTierError(Exception):
@@ -33,3 +36,9 @@ class CodecError(KVTierError, ValueError):
 
 class TierError(KVTierError):
     """A storage tier could not complete an operation (I/O error, full disk, server down)."""
+
+
+def closest(word: str, choices: Iterable[str]) -> str:
+    """Return " (did you mean 'x'?)" for the closest choice, or "" when none is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""

@@ -7,7 +7,7 @@ serving path nothing; only the latency histograms are observed per call (through
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -42,8 +42,9 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 class EngineCollector:
     """Reads an engine's counters at each scrape."""
 
-    def __init__(self, engine: CacheEngine) -> None:
+    def __init__(self, engine: CacheEngine, agent: Callable[[], Any] | None = None) -> None:
         self.engine = engine
+        self.agent = agent or (lambda: None)  # the engine's cluster agent, if it joined a cluster
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -81,18 +82,19 @@ class EngineCollector:
                 dropped.add_metric([name[: -len("_writes")]], s["dropped"])
         yield depth
         yield dropped
-        agent = self.engine.agent
+        agent = self.agent()
         if agent is not None:
             yield GaugeMetricFamily("kvtier_cluster_events_pending", "KV events not yet sent to the controller",
                                     value=agent.batcher.pending)  # fmt: skip
 
 
-def engine_registry(engine: CacheEngine) -> Any:
-    """A CollectorRegistry with the engine's metrics; it starts timing the engine's calls."""
+def engine_registry(engine: CacheEngine, agent: Callable[[], Any] | None = None) -> Any:
+    """A CollectorRegistry with the engine's metrics (and its cluster agent's, which `agent` returns
+    once it runs); it starts timing the engine's calls."""
     from prometheus_client import CollectorRegistry, Histogram
 
     registry = CollectorRegistry()
-    registry.register(EngineCollector(engine))
+    registry.register(EngineCollector(engine, agent))
     latency = Histogram("kvtier_operation_seconds", "Seconds per engine call", ["op"], registry=registry,
                         buckets=LATENCY_BUCKETS)  # fmt: skip
     children = {op: latency.labels(op) for op in ("lookup", "retrieve", "store")}

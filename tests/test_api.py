@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier import CacheEngine, Config
+from kvtier import Config
+from kvtier.node import Node
 from tests.conftest import SMALL, random_kv
 
 pytest.importorskip("fastapi")
@@ -14,13 +15,13 @@ from kvtier.api import create_admin_app
 
 
 @pytest.fixture
-def engine():
-    with CacheEngine(Config.from_dict({"chunk_size": 4}), SMALL) as engine:
-        yield engine
+def node():
+    with Node(Config.from_dict({"chunk_size": 4}), SMALL) as node:
+        yield node
 
 
-def test_token_guards_everything_but_health_and_metrics(engine):
-    client = TestClient(create_admin_app(engine, token="t0k"))
+def test_token_guards_everything_but_health_and_metrics(node):
+    client = TestClient(create_admin_app(node, token="t0k"))
     assert client.get("/health").json()["status"] == "ok"
     assert client.get("/metrics").status_code == 200
     assert client.get("/stats").status_code == 401
@@ -28,8 +29,9 @@ def test_token_guards_everything_but_health_and_metrics(engine):
     assert client.get("/stats", headers={"Authorization": "Bearer t0k"}).json()["engine"]["lookups"] == 0
 
 
-def test_pin_unpin_clear_and_bad_bodies(engine):
-    client = TestClient(create_admin_app(engine))
+def test_pin_unpin_clear_and_bad_bodies(node):
+    engine = node.engine
+    client = TestClient(create_admin_app(node))
     engine.store(list(range(8)), random_kv(SMALL, 8))
     keys = [c.key for c in engine.chunks(list(range(8)))]
     body = {"namespace": keys[0].namespace.hex(), "hashes": [k.digest.hex() for k in keys]}

@@ -31,6 +31,8 @@ import torch
 
 from kvtier.codec import Codec
 from kvtier.codec.framing import encode_object
+from kvtier.config import ClusterConfig
+from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.server.connection import PoolBusy
@@ -215,31 +217,32 @@ class PeerStore:
             self._clients.clear()
 
 
-def serve_peers(engine: Any) -> Any:
-    """Start a kvtier server over the engine's L1 and disk tier at `cluster.advertise`; the ServerThread."""
+def serve_peers(engine: Any, host: str, port: int) -> Any:
+    """Start a kvtier server over the engine's L1 and disk tier on host:port; the ServerThread."""
     from kvtier.codec import get_codec
     from kvtier.server.client import TOKEN_ENV
     from kvtier.server.config import ServerConfig
     from kvtier.server.server import ServerThread
 
-    host, _, port = engine.config.cluster.advertise.rpartition(":")
     chain = engine.chain
     disk = next((t for t in chain.lower if isinstance(t, FileTier)), None)
     objects = PeerObjects(chain.l1, disk, engine.layout, get_codec(engine.config.codec))
-    config = ServerConfig(host=host.strip("[]"), port=int(port), token=os.environ.get(TOKEN_ENV, ""))
+    config = ServerConfig(host=host.strip("[]"), port=port, token=os.environ.get(TOKEN_ENV, ""))
     thread = ServerThread(config, objects).start()  # type: ignore[arg-type]  # duck-typed ObjectCache
     log.info("serving chunks to peers on %s", thread.url)
     return thread
 
 
-def add_peer_tier(engine: Any) -> None:
-    """Add a read-only "peer" tier to the engine's chain, after its disk tier and before a remote one."""
+def add_peer_tier(engine: Any, cfg: ClusterConfig) -> None:
+    """Add a read-only "peer" tier to the engine's chain, after its disk tier and before a remote one;
+    `cfg` names the controller and this instance (not itself a peer)."""
     from kvtier.cluster.app import TOKEN_ENV as CONTROLLER_TOKEN_ENV
     from kvtier.codec import get_codec
     from kvtier.server.client import TOKEN_ENV
     from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
 
-    cfg = engine.config.cluster
+    if cfg.controller_url is None:
+        raise ConfigError("cluster.peer_fetch: needs a controller_url (the controller says which peer has what)")
     options = RemoteOptions(lookup_timeout=cfg.peer_lookup_timeout_ms / 1e3, timeout=cfg.peer_timeout_ms / 1e3)
     store = PeerStore(cfg.controller_url, cfg.instance_id, os.environ.get(CONTROLLER_TOKEN_ENV, ""),
                       backoff=(options.backoff, options.backoff_max))  # fmt: skip
@@ -250,15 +253,15 @@ def add_peer_tier(engine: Any) -> None:
     engine.chain.add_reader(tier, position)
 
 
-def fetch_from(engine: Any, address: str, keys: Sequence[ChunkKey]) -> int:
+def fetch_from(engine: Any, address: str, keys: Sequence[ChunkKey], timeout: float) -> int:
     """Copy the leading `keys` a peer at `address` holds into this engine (L1 now, lower tiers
-    asynchronously), validated like every peer fetch; how many were stored."""
+    asynchronously), validated like every peer fetch, each batch within `timeout` seconds; how many
+    were stored."""
     from kvtier.codec import get_codec
     from kvtier.server.client import TOKEN_ENV, KVTierClient
     from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
 
     host, _, port = address.rpartition(":")
-    timeout = engine.config.cluster.peer_timeout_ms / 1e3
     client = KVTierClient(host.strip("[]"), int(port), os.environ.get(TOKEN_ENV, ""))
     tier = RemoteTier(client, engine.layout, get_codec(engine.config.codec), RemoteOptions(timeout=timeout),
                       engine_codec=engine.config.codec, name="move")  # fmt: skip

@@ -11,11 +11,9 @@ This module imports nothing heavy (no torch): the config validates codec specs w
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, closest
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +31,7 @@ class Option:
         """The canonical text of `text` for this option; ConfigError if it is not allowed."""
         if self.choices:
             if text not in self.choices:
-                hint = _closest(text, self.choices)
+                hint = closest(text, self.choices)
                 raise ConfigError(f"{key}: {text!r} is not one of {', '.join(self.choices)}{hint}")
             return text
         parts = text.split("-") if self.max_items > 1 else [text]
@@ -124,7 +122,7 @@ def parse_spec(text: str, key: str = "codec") -> CodecSpec:
     name = ALIASES.get(name.strip(), name.strip())
     if name not in CODECS:
         names = [*CODECS, *ALIASES]
-        raise ConfigError(f"{key}: unknown codec {name!r}; available: {', '.join(names)}{_closest(name, names)}")
+        raise ConfigError(f"{key}: unknown codec {name!r}; available: {', '.join(names)}{closest(name, names)}")
     info = CODECS[name]
     given: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
@@ -134,7 +132,7 @@ def parse_spec(text: str, key: str = "codec") -> CodecSpec:
             raise ConfigError(f"{key}: option {item!r} of {name} must look like name=value")
         if opt not in info.options:
             allowed = ", ".join(info.options) or "none"
-            raise ConfigError(f"{key}: {name} has no option {opt!r} (options: {allowed}){_closest(opt, info.options)}")
+            raise ConfigError(f"{key}: {name} has no option {opt!r} (options: {allowed}){closest(opt, info.options)}")
         if opt in given:
             raise ConfigError(f"{key}: option {opt!r} is given twice")
         given[opt] = info.options[opt].parse(f"{key} option {opt}", value.strip())
@@ -145,8 +143,3 @@ def parse_spec(text: str, key: str = "codec") -> CodecSpec:
 def canonical(text: str) -> str:
     """The canonical spec string of `text` (every option listed); part of key namespaces."""
     return str(parse_spec(text))
-
-
-def _closest(word: str, choices: Iterable[str]) -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""

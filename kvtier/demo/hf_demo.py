@@ -16,9 +16,8 @@ from typing import Any
 
 from kvtier.config import Config
 from kvtier.demo import DOCUMENT_TITLE, QUESTIONS, document, prompt_ids
-from kvtier.engine import CacheEngine
 from kvtier.integration.hf import CachedModel
-from kvtier.models import DEFAULT_MODEL, layout_of, load_model, model_id_of
+from kvtier.models import DEFAULT_MODEL, load_model
 from kvtier.report import format_table
 from kvtier.units import format_size
 
@@ -39,11 +38,11 @@ def default_disk_path() -> Path:
     return Path(base) / "kvtier" / "demo-disk"
 
 
-def make_engine(model: Any, name: str | None, disk: Path) -> CacheEngine:
-    """A CacheEngine from the user's config, with the demo's disk directory as L2."""
+def open_cached(model: Any, name: str | None, disk: Path, progress: bool = False) -> CachedModel:
+    """The model over a kvtier node from the user's config, with the demo's disk directory as L2."""
     config = Config.load()
     config = config.replace(disk=dataclasses.replace(config.disk, path=str(disk)))
-    return CacheEngine(config, layout_of(model), model_id_of(model, name))
+    return CachedModel.open(model, config, name, progress=progress)
 
 
 def run(opts: DemoOptions) -> int:
@@ -55,10 +54,10 @@ def run(opts: DemoOptions) -> int:
     print(f"document: {DOCUMENT_TITLE}")
     print("loading the model ...", flush=True)
     model, tokenizer = load_model(opts.model)
-    engine = make_engine(model, opts.model, disk)
-    print(f"cache: L1 {format_size(engine.config.l1.size)} in memory, L2 on disk at {disk}\n")
+    cached = open_cached(model, opts.model, disk, progress=True)
+    assert cached.node is not None
+    print(f"cache: L1 {format_size(cached.node.config.l1.size)} in memory, L2 on disk at {disk}\n")
     plain = CachedModel(model, None, progress=True)
-    cached = CachedModel(model, engine, progress=True)
     doc, rows, answers = document(), [], []
     first: tuple[list[int], list[int]] | None = None  # question 1's prompt and answer without kvtier
     for i, question in enumerate(QUESTIONS[: opts.questions], start=1):
@@ -75,8 +74,7 @@ def run(opts: DemoOptions) -> int:
         rows.append([i, len(ids), base.ttft_s, hit.ttft_s, base.ttft_s / hit.ttft_s, hit.cached_tokens, _yes(same)])
         print(f"    TTFT {base.ttft_s:.2f} s without kvtier, {hit.ttft_s:.2f} s with ({hit.cached_tokens} tokens "
               f"from cache); same answer: {_yes(same)}", flush=True)  # fmt: skip
-    engine.flush()
-    engine.close()
+    cached.close()
     headers = ["question", "prompt tokens", "TTFT no cache (s)", "TTFT kvtier (s)", "speedup", "cached tokens",
                "same answer"]  # fmt: skip
     print("\n" + format_table(headers, rows))
@@ -95,7 +93,7 @@ def _restart(opts: DemoOptions, disk: Path, ids: list[int], expected: list[int])
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"model": opts.model, "disk": str(disk), "ids": ids, "expected": expected,
                                    "max_new_tokens": opts.max_new_tokens}))  # fmt: skip
-        cmd = [sys.executable, "-m", "kvtier.cli", "demo", "--restart-check", str(job)]
+        cmd = [sys.executable, "-m", "kvtier", "demo", "--restart-check", str(job)]
         done = subprocess.run(cmd, check=False)
         if done.returncode not in (0, 1) or not (Path(tmp) / "result.json").exists():
             print(f"restart process failed with exit code {done.returncode}")
@@ -114,10 +112,9 @@ def restart_check(job_path: str) -> int:
     start = time.perf_counter()
     model, _ = load_model(job["model"])
     print(f"  model loaded in {time.perf_counter() - start:.1f} s", flush=True)
-    engine = make_engine(model, job["model"], Path(job["disk"]))
-    cached = CachedModel(model, engine)
+    cached = open_cached(model, job["model"], Path(job["disk"]))
     out = cached.generate(job["ids"], job["max_new_tokens"])[0].tolist()
-    engine.close()
+    cached.close()
     stats = cached.last_stats
     result = {"ttft_s": stats.ttft_s, "cached_tokens": stats.cached_tokens, "same": out == job["expected"]}
     (Path(job_path).parent / "result.json").write_text(json.dumps(result))

@@ -69,7 +69,7 @@ def _phase(model: str, questions: list[str], disk: str | None, max_new_tokens: i
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"model": model, "questions": questions, "disk": disk, "max_new": max_new_tokens}))
-        cmd = [sys.executable, "-m", "kvtier.cli", "demo", "--vllm-phase", str(job)]
+        cmd = [sys.executable, "-m", "kvtier", "demo", "--vllm-phase", str(job)]
         env = {"VLLM_LOGGING_LEVEL": "ERROR", "PYTHONWARNINGS": "ignore", **os.environ}
         done = subprocess.run(cmd, check=False, env=env)
         result = Path(tmp) / "result.json"

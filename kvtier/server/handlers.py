@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from kvtier import __version__
 from kvtier.errors import CorruptObjectError
 from kvtier.keys import ChunkKey
 from kvtier.server.config import ServerConfig
@@ -42,6 +41,7 @@ from kvtier.server.protocol import (
     encode_meta,
 )
 from kvtier.server.store import ObjectCache
+from kvtier.version import __version__
 
 T = TypeVar("T")
 

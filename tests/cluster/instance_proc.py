@@ -1,4 +1,4 @@
-"""A cache instance for the cluster tests: a CacheEngine in a process, driven by JSON lines on stdin.
+"""A cache instance for the cluster tests: a kvtier Node in a process, driven by JSON lines on stdin.
 
 Commands (one JSON object per line; one JSON answer per line on stdout):
   {"op": "store", "tokens": [...]}   store random KV for the tokens, then wait until the controller has the events
@@ -20,7 +20,8 @@ import time
 import torch
 import xxhash
 
-from kvtier import CacheEngine, Config
+from kvtier import Config
+from kvtier.node import Node
 from tests.conftest import SMALL, random_kv
 
 
@@ -29,7 +30,8 @@ def digest(kv: torch.Tensor) -> str:
 
 
 def main() -> int:
-    engine = CacheEngine(Config.load(), SMALL, model_id="test-model")
+    node = Node(Config.load(), SMALL, model_id="test-model")
+    engine = node.engine
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -55,9 +57,9 @@ def main() -> int:
         else:
             answer = {"error": f"unknown op {cmd['op']!r}"}
         engine.flush()
-        answer["synced"] = engine.agent.flush(10.0)
+        answer["synced"] = node.agent.flush(10.0)
         print(json.dumps(answer), flush=True)
-    engine.close()
+    node.close()
     return 0
 
 

@@ -61,7 +61,7 @@ class Controller:
 
 
 class Instance:
-    """tests/cluster/instance_proc.py: a CacheEngine that reports to the controller."""
+    """tests/cluster/instance_proc.py: a kvtier Node that reports to the controller."""
 
     def __init__(
         self,

@@ -7,13 +7,16 @@ random Llama (4 heads, 2 KV heads) written on the spot, with the built-in model'
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 
+from tests.cluster.procs import Controller, free_port
 from tests.integration.test_vllm import run, run_matching_plain
 
 pytestmark = [
@@ -59,13 +62,46 @@ def chunk_file(disk: Path, model: Path, tokens: list[int], rank: int, index: int
         return Path(engine.chain.lower[0]._path(key))
 
 
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive free loopback ports."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def test_tensor_parallel_reuse_and_a_load_failing_on_one_rank(tmp_path, tiny_model):
     rng = random.Random(1)
     whole = [rng.randrange(100, 40000) for _ in range(1024)]
     shorter = whole[:1000]
     disk = tmp_path / "disk"
     flags = {"model": tiny_model, "tp": TP}
-    run(tmp_path, [[whole]], disk, **flags)
+    # The first instance also runs the services (kvtier.node): each worker rank its own admin API on
+    # admin.port + rank and its own cluster registration; the scheduler none (it would bind rank 0's port).
+    controller = Controller()
+    try:
+        admin = free_ports(TP)
+        services = {"admin": {"port": admin}, "cluster": {"controller_url": controller.url, "instance_id": "vllm"}}
+        first = run(tmp_path, [[whole]], disk, extra=json.dumps(services), admin_ports=TP, **flags)
+        instances = controller.instances()
+    finally:
+        controller.stop()
+    health = [answer["/health"] for answer in first["admin"]]
+    assert [h.get("rank") for h in health] == list(range(TP)), first["admin"]
+    namespaces = [answer["/config"]["namespace"] for answer in first["admin"]]
+    assert len(set(namespaces)) == TP  # each rank's API serves its own engine
+    assert sorted(instances) == [f"vllm-rank{r}" for r in range(TP)]
+    for rank in range(TP):
+        inst = instances[f"vllm-rank{rank}"]
+        assert inst["admin_url"] == f"http://127.0.0.1:{admin + rank}"
+        assert inst["namespace"] == namespaces[rank]
+        assert inst["chunks"]["l1"] == 4  # 1,024 tokens: 4 chunks of this rank's shard
     victim = chunk_file(disk, tiny_model, whole, rank=1, index=1)  # rank 1's tokens 256..512
     data = bytearray(victim.read_bytes())
     data[5000] ^= 0xFF

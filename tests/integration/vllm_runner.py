@@ -4,6 +4,7 @@ Used by tests/integration/test_vllm.py, each call in its own process (like separ
 
     python tests/integration/vllm_runner.py PROMPTS.json [--disk DIR] [--mp] [--prefix-caching] [--model DIR] [--tp N]
         [--max-num-batched-tokens N] [--num-blocks N] [--max-model-len N] [--kv-cache-dtype fp8]
+        [--admin-ports N]
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (longer prompts: chunked prefill)")
     parser.add_argument("--num-blocks", type=int, help="KV cache blocks (few: vLLM preempts requests)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="vLLM's kv_cache_dtype (auto, fp8, fp8_e5m2, ...)")
+    parser.add_argument("--admin-ports", type=int, default=0,
+                        help="before exiting, report /health and /config of the admin APIs on the N ports from "
+                        "admin.port on (set admin.port with --extra)")  # fmt: skip
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.mp else "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -74,7 +78,24 @@ def main() -> None:
                             use_tqdm=False)  # fmt: skip
         outputs.append([list(o.outputs[0].token_ids) for o in done])
     result = {"outputs": outputs, "stats": _engine_stats(), "preemptions": _preemptions(llm)}
+    if args.admin_ports:
+        base = json.loads(args.extra)["admin"]["port"]
+        result["admin"] = [_admin(base + i) for i in range(args.admin_ports)]
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _admin(port: int) -> dict:
+    """/health and /config of the admin API on `port`, or the error of asking."""
+    import urllib.request
+
+    answer = {}
+    for path in ("/health", "/config"):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                answer[path] = json.loads(r.read())
+        except OSError as exc:
+            answer[path] = {"error": repr(exc)}
+    return answer
 
 
 def _preemptions(llm) -> int:

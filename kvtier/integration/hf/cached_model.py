@@ -16,9 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from kvtier.adapters.hf import gather_chunk, load_prefix, new_cache
+from kvtier.config import Config
 from kvtier.engine import CacheEngine
 from kvtier.errors import TokenError
-from kvtier.models import layout_of
+from kvtier.models import layout_of, model_id_of
+from kvtier.node import Node
 
 PROGRESS_MIN_TOKENS = 2048  # prefills at least this long show a progress bar (when enabled)
 
@@ -53,6 +55,25 @@ class CachedModel:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._logits_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
         self._vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+        self.node: Node | None = None  # the node `open` built (closed by `close`)
+
+    @classmethod
+    def open(cls, model: Any, config: Config | None = None, model_id: str | None = None, **options: Any) -> CachedModel:
+        """A CachedModel over a Node built for `model` from `config` (default `Config.load()`): its
+        engine, and the admin API or cluster membership the config asks for. `close()` stops them."""
+        node = Node(config or Config.load(), layout_of(model), model_id_of(model, model_id))
+        try:
+            cached = cls(model, node.engine, **options)
+        except BaseException:
+            node.close()
+            raise
+        cached.node = node
+        return cached
+
+    def close(self) -> None:
+        """Close the node that `open` built (flushing pending stores); nothing for a given engine."""
+        if self.node is not None:
+            self.node.close()
 
     @torch.inference_mode()
     def generate(

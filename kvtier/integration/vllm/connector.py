@@ -25,7 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvtier.integration.vllm.plan import Planner, StepPlan
-from kvtier.integration.vllm.setup import acquire_engine, release_engine, settings_from
+from kvtier.integration.vllm.setup import acquire_node, release_node, settings_from
 from kvtier.integration.vllm.worker import Worker
 
 if TYPE_CHECKING:
@@ -53,7 +53,8 @@ class KVTierConnector(KVConnectorBase_V1):
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             rank = get_tensor_model_parallel_rank()
-        self._engine = acquire_engine(self._settings, rank)
+        self._node = acquire_node(self._settings, rank, services=role == KVConnectorRole.WORKER)
+        self._engine = self._node.engine
         self._planner: Planner | None = None
         self._worker: Worker | None = None
         self._requests: dict[str, Any] = {}
@@ -66,9 +67,9 @@ class KVTierConnector(KVConnectorBase_V1):
             settings = self._settings
             self._worker = Worker(self._engine, settings.block_size, _tp_agreement(settings.world_size),
                                   settings.model_dtype, settings.cache_dtype)  # fmt: skip
-        log.info("kvtier connector (%s, pid %d) for %s: chunk %d, block %d, L1 %d bytes, disk %s", role.name,
-                 os.getpid(), self._settings.model_id, config.chunk_size, self._settings.block_size, config.l1.size,
-                 config.disk.path)  # fmt: skip
+        log.info("kvtier connector (%s, pid %d, rank %d) for %s: chunk %d, block %d; %s", role.name, os.getpid(),
+                 rank, self._settings.model_id, config.chunk_size, self._settings.block_size,
+                 self._node.describe())  # fmt: skip
 
     # --- scheduler side ----------------------------------------------------------------------------
 
@@ -145,7 +146,7 @@ class KVTierConnector(KVConnectorBase_V1):
         return self._worker.take_load_errors() if self._worker is not None else set()
 
     def shutdown(self) -> None:
-        release_engine(self._engine)
+        release_node(self._node)
 
     def _plan(self) -> StepPlan:
         meta = self._get_connector_metadata()

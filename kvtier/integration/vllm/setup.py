@@ -1,9 +1,14 @@
-"""Building kvtier's config, layout and engine from a vLLM config, and sharing one engine per process.
+"""Building kvtier's config, layout and node from a vLLM config, and sharing one node per process.
 
 When the scheduler and a worker run in one process (always with one worker per engine core),
-both roles share the CacheEngine, so the scheduler's lookups see L1 too. A scheduler in another
-process builds its own engine on the same config and sees what workers stored through the shared
-tiers (the disk directory, later remote tiers).
+both roles share the node's CacheEngine, so the scheduler's lookups see L1 too. A scheduler in
+another process builds its own engine on the same config and sees what workers stored through the
+shared tiers (the disk directory, remote tiers).
+
+Services (admin API and /metrics, cluster agent, peer server: kvtier.node) run where the chunks
+are: in each worker rank, rank r on its own ports and instance id (`Node`). The scheduler's own
+engine in another process starts none of them: it holds no chunks of its own and would bind the
+same ports as rank 0. When the roles share a process, the node's services start with the worker.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError
 from kvtier.layout import KVLayout
 from kvtier.models import model_id_for
+from kvtier.node import Node
 
 # kv_connector_extra_config keys that configure the connector itself, not the cache
 CONNECTOR_OPTIONS = {"save_decode_tokens": False, "load_partial_blocks": True}
@@ -91,36 +97,39 @@ def settings_from(vllm_config: Any) -> ConnectorSettings:
 
 
 _lock = threading.Lock()
-_engines: dict[tuple[Any, ...], tuple[CacheEngine, int]] = {}
+_nodes: dict[tuple[Any, ...], tuple[Node, int]] = {}
 
 
-def acquire_engine(settings: ConnectorSettings, rank: int) -> CacheEngine:
-    """The process's CacheEngine for these settings and rank (created on first use)."""
+def acquire_node(settings: ConnectorSettings, rank: int, services: bool) -> Node:
+    """The process's Node for these settings and rank (created on first use); `services`: a worker
+    asks for the node's services, which start then if an earlier user (the scheduler) did not."""
     key = (settings.config, settings.layout, settings.model_id, rank, settings.world_size)
     with _lock:
-        engine, users = _engines.get(key, (None, 0))
-        if engine is None:
-            engine = CacheEngine(settings.config, settings.layout, settings.model_id, rank=rank,
-                                 world_size=settings.world_size)  # fmt: skip
-            atexit.register(engine.close)  # finish pending disk writes even if vLLM never calls shutdown()
-        _engines[key] = (engine, users + 1)
-        return engine
+        node, users = _nodes.get(key, (None, 0))
+        if node is None:
+            node = Node(settings.config, settings.layout, settings.model_id, rank=rank,
+                        world_size=settings.world_size, services=False)  # fmt: skip
+            atexit.register(node.close)  # finish pending disk writes even if vLLM never calls shutdown()
+        if services:
+            node.start_services()
+        _nodes[key] = (node, users + 1)
+        return node
 
 
 def engines() -> list[CacheEngine]:
     """The engines this process's connectors use (for counters and tests)."""
     with _lock:
-        return [engine for engine, _ in _engines.values()]
+        return [node.engine for node, _ in _nodes.values()]
 
 
-def release_engine(engine: CacheEngine) -> None:
-    """Drop one user of `engine`; the last one flushes and closes it."""
+def release_node(node: Node) -> None:
+    """Drop one user of `node`; the last one stops its services and flushes and closes its engine."""
     with _lock:
-        for key, (held, users) in list(_engines.items()):
-            if held is engine:
+        for key, (held, users) in list(_nodes.items()):
+            if held is node:
                 if users > 1:
-                    _engines[key] = (held, users - 1)
+                    _nodes[key] = (held, users - 1)
                     return
-                del _engines[key]
+                del _nodes[key]
                 break
-    engine.close()
+    node.close()

@@ -1,21 +1,16 @@
-"""Remote (L3) tiers selected by URL: a registry of backends, imported only when configured.
+"""Remote (L3) tiers selected by URL: the backend a URL names is imported only when configured.
 
-    redis://[:password@]host:port/db   rediss:// (TLS)   valkey:// and valkeys:// (same protocol)
-    redis+cluster://host:port[,host:port...]   redis+sentinel://host:port[,host:port...]/service[/db]
-    (and rediss+, valkey+, valkeys+ of each)
-    s3://bucket/prefix?endpoint=http://host:port&region=us-east-1
-    fs:///shared/path                  kvtier://[:token@]host:port
-
-`open_remote()` turns a Config's remote section into a RemoteTier over the backend's ObjectStore.
+The URL grammar (schemes, the backend of each, parsing) is `kvtier.urls`; `open_remote()` turns a
+Config's remote section into a RemoteTier over the backend's ObjectStore.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
-from urllib.parse import SplitResult, urlsplit
 
 from kvtier.errors import ConfigError
+from kvtier.urls import backend_of, parse_url
 
 if TYPE_CHECKING:
     from kvtier.codec import Codec
@@ -24,50 +19,13 @@ if TYPE_CHECKING:
     from kvtier.storage.remote.store import ObjectStore
     from kvtier.storage.remote.tier import RemoteTier
 
-_REDIS = ("redis", "rediss", "valkey", "valkeys")  # Valkey speaks Redis's protocol; rediss, valkeys: TLS
-# URL scheme -> "module:factory" (the module is imported on first use, so its client library is optional)
-BACKENDS: dict[str, str] = {
-    **{scheme: "kvtier.storage.remote.redis:open_store" for scheme in _REDIS},
-    **{f"{scheme}+cluster": "kvtier.storage.remote.redis_cluster:open_store" for scheme in _REDIS},
-    **{f"{scheme}+sentinel": "kvtier.storage.remote.redis_sentinel:open_store" for scheme in _REDIS},
-    "s3": "kvtier.storage.remote.s3:open_store",
-    "fs": "kvtier.storage.remote.fs:open_store",
-    "kvtier": "kvtier.server.client:open_store",
-}
-# schemes of LMCache's remote_url that kvtier does not speak, with what to use instead
-_FOREIGN = {
-    "lm": "LMCache's lm:// server protocol is not supported; run `kvtier server` and use kvtier://host:port",
-    "redis-sentinel": "write LMCache's redis-sentinel://h1:p1,h2:p2 as redis+sentinel://h1:p1,h2:p2/<master name>",
-}
-
-
-def parse_url(url: str) -> SplitResult:
-    """Split and check a remote URL; ConfigError names what is wrong."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme in _FOREIGN:
-        raise ConfigError(f"remote.url: {url!r}: {_FOREIGN[scheme]}")
-    if scheme not in BACKENDS:
-        from kvtier.config import closest
-
-        raise ConfigError(
-            f"remote.url: unknown scheme {parts.scheme or '(none)'!r} in {url!r}; "
-            f"use one of {', '.join(s + '://' for s in BACKENDS)}{closest(scheme, BACKENDS)}"
-        )
-    if scheme == "fs":
-        if parts.netloc or not parts.path.startswith("/"):
-            raise ConfigError(f"remote.url: {url!r}: expected fs:///absolute/path (three slashes)")
-    elif not parts.netloc:
-        raise ConfigError(f"remote.url: {url!r} names no host (or bucket for s3://)")
-    return parts
-
 
 def open_store(url: str, connect_timeout: float = 0.5, max_connections: int = 8) -> ObjectStore:
     """The ObjectStore of the backend that `url`'s scheme selects."""
     from kvtier.storage.remote.store import StoreFactory, StoreOptions
 
     parts = parse_url(url)
-    module, _, name = BACKENDS[parts.scheme.lower()].partition(":")
+    module, name = backend_of(parts)
     try:
         factory: StoreFactory = getattr(importlib.import_module(module), name)
     except ImportError as exc:

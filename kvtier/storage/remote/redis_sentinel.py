@@ -41,7 +41,7 @@ class RedisSentinelStore(RedisStore):
 
     def _connect(self, timeout: float) -> Any:
         options = self.client_options(timeout)
-        ssl = {"ssl": True} if self.tls else {}
+        ssl: dict[str, Any] = {"ssl": True} if self.tls else {}  # Any: typeshed checks ** against each parameter
         # sentinels get the timeouts and TLS settings, not the credentials (those are the servers')
         tls_options = {name: value for name, value in self._auth.items() if name.startswith("ssl_")}
         sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_") or k == "retry"}
