@@ -7,6 +7,7 @@ imported only when the API is started.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
+import contextlib
 import hmac
 import logging
 import os
@@ -149,10 +150,8 @@ class AdminServer:
         log.info("admin API on %s", self.url)
 
     def _serve(self) -> None:
-        try:
+        with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind; it logged why, and __init__ raises
             self.server.run()
-        except SystemExit:  # uvicorn exits when it cannot bind; it logged why, and __init__ raises
-            pass
 
     def close(self) -> None:
         """Stop serving."""

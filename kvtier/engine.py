@@ -24,7 +24,15 @@ import xxhash
 from kvtier.codec import canonical
 from kvtier.config import Config
 from kvtier.errors import LayoutError
-from kvtier.keys import Chunk, ChunkHasher, ChunkKey, SaltedHashers, make_namespace, token_bytes
+from kvtier.keys import (
+    Chunk,
+    ChunkHasher,
+    ChunkKey,
+    SaltedHashers,
+    make_namespace,
+    salted_namespace,
+    token_bytes,
+)
 from kvtier.layout import KVLayout, is_head_major
 from kvtier.logutil import setup_logging
 from kvtier.storage.build import build_chain
@@ -64,11 +72,9 @@ class CacheEngine:
         self.config = config or Config()
         self.layout = layout
         self.model_id = model_id
+        self.rank, self.world_size = rank, world_size
         setup_logging(self.config.log_level)
-        namespace = make_namespace(
-            model_id, layout.fingerprint, rank=rank, world_size=world_size, codec=canonical(self.config.codec),
-            tenant=self.config.tenant, hash_name=self.config.hash,
-        )  # fmt: skip
+        namespace = self._namespace(rank)
         self.hasher = ChunkHasher(self.config.chunk_size, namespace, self.config.hash, self.config.save_partial_chunks)
         self._hashers = SaltedHashers(self.hasher)
         self.chain = chain if chain is not None else build_chain(self.config, layout)
@@ -88,6 +94,20 @@ class CacheEngine:
             log.warning("CacheEngine ignores the admin and cluster settings (admin.port %s, cluster.controller_url "
                         "%s): build a kvtier.node.Node to start those services", self.config.admin.port,
                         self.config.cluster.controller_url)  # fmt: skip
+
+    def _namespace(self, rank: int) -> bytes:
+        return make_namespace(
+            self.model_id, self.layout.fingerprint, rank=rank, world_size=self.world_size,
+            codec=canonical(self.config.codec), tenant=self.config.tenant, hash_name=self.config.hash,
+        )  # fmt: skip
+
+    def rank_keys(self, chunks: list[Chunk], rank: int, salt: str | None = None) -> list[ChunkKey]:
+        """The keys tensor-parallel rank `rank` of this engine's group stores `chunks` under: the
+        same digests, that rank's namespace (salted as `chunks` were)."""
+        namespace = self._namespace(rank)
+        if salt:
+            namespace = salted_namespace(namespace, salt)
+        return [ChunkKey(namespace, chunk.key.digest) for chunk in chunks]
 
     def local_tiers(self) -> list[CPUTier | FileTier]:
         """This instance's own tiers (L1 and disk), not shared remote or peer tiers."""

@@ -6,11 +6,16 @@ import logging
 import threading
 import time
 
+STARTUP = "kvtier.startup"  # one-time summaries of what a start-up set up: shown unless log_level is error
+
 
 def setup_logging(level: str = "warning") -> None:
-    """Attach a stderr handler to the "kvtier" logger once, at `level`."""
+    """Attach a stderr handler to the "kvtier" logger once, at `level`; the start-up logger logs at
+    info unless `level` is stricter than warning."""
     logger = logging.getLogger("kvtier")
     logger.setLevel(level.upper())
+    strict = logging.getLevelName(level.upper()) > logging.WARNING
+    logging.getLogger(STARTUP).setLevel(level.upper() if strict else "INFO")
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

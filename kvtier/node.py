@@ -73,6 +73,7 @@ class Node:
         self.peer_server: Any = None  # a kvtier server over the engine's L1 and disk (cluster.advertise)
         self.admin: Any = None  # the admin HTTP API with /metrics (admin.port)
         self.agent: Any = None  # the cluster agent (cluster.controller_url)
+        self.holdings: Any = None  # the L1 keys published to a scheduler in another process (publish_holdings)
         self._started = False
         self._closed = False
         if services:
@@ -111,6 +112,24 @@ class Node:
             self.peer_server = peer.serve_peers(self.engine, host, rank_port(int(port), self.rank))
         if cluster.peer_fetch:
             peer.add_peer_tier(self.engine, replace(cluster, instance_id=self.instance_id))
+
+    def publish_holdings(self, name: str) -> bool:
+        """Serve the keys L1 holds, and their changes, on the abstract socket `name` (a scheduler in
+        another process mirrors them: cluster/holdings.py); whether it is served (once per node)."""
+        if self.holdings is not None or self._closed:
+            return self.holdings is not None
+        l1 = self.engine.chain.l1
+        if l1 is None:
+            return False
+        from kvtier.cluster.holdings import HoldingsPublisher
+
+        try:
+            self.holdings = HoldingsPublisher(l1, name)
+        except OSError as exc:
+            log.warning("cannot publish L1's keys to the scheduler (%s): its lookups will not see this memory tier",
+                        exc)  # fmt: skip
+            return False
+        return True
 
     @property
     def instance_id(self) -> str:
@@ -162,7 +181,7 @@ class Node:
         if self._closed:
             return
         self._closed = True
-        for name in ("agent", "admin"):
+        for name in ("holdings", "agent", "admin"):
             service = getattr(self, name)
             if service is not None:
                 service.close()

@@ -38,7 +38,7 @@ class ReportingTier(Protocol):
     """A tier that reports its keys (CPUTier, DiskTier)."""
 
     name: str
-    listener: TierListener | None
+    listeners: list[TierListener]
 
     def held_keys(self) -> list[ChunkKey]: ...
 
@@ -71,7 +71,7 @@ class ClusterAgent:
         self._stop = threading.Event()
         self._burst = BurstLog(log)
         for tier in self.tiers:
-            tier.listener = self.batcher.record
+            tier.listeners.append(self.batcher.record)
         self._thread = threading.Thread(target=self._run, name="kvtier-cluster", daemon=True)
         self._thread.start()
 
@@ -162,7 +162,7 @@ class ClusterAgent:
         self._stop.set()
         self._thread.join()
         for tier in self.tiers:
-            tier.listener = None
+            tier.listeners.remove(self.batcher.record)
         if not (self.registered and self.synced):
             return  # nothing to add to: the next start registers and sends a snapshot anyway
         try:

@@ -34,7 +34,7 @@ class CPUTier:
         self._data: dict[ChunkKey, torch.Tensor] = {}
         self._pins: dict[ChunkKey, int] = {}
         self._lock = threading.RLock()
-        self.listener: TierListener | None = None  # told of keys admitted and removed (cluster events)
+        self.listeners: list[TierListener] = []  # told of keys admitted and removed (KV events)
 
     def contains(self, key: ChunkKey) -> bool:
         return key in self._data
@@ -72,8 +72,8 @@ class CPUTier:
             self.stats.objects += 1
             self.stats.puts += 1
             self.stats.bytes_written += nbytes
-            if self.listener is not None:
-                self.listener(self.name, True, key)
+            for listener in self.listeners:
+                listener(self.name, True, key)
             return True
 
     def _make_room(self, nbytes: int) -> bool:
@@ -93,8 +93,8 @@ class CPUTier:
         self._policy.remove(key)
         self.stats.bytes -= kv.nbytes
         self.stats.objects -= 1
-        if self.listener is not None:
-            self.listener(self.name, False, key)
+        for listener in self.listeners:
+            listener(self.name, False, key)
 
     def delete(self, key: ChunkKey) -> bool:
         with self._lock:

@@ -68,7 +68,7 @@ class FileTier:
         self._reserved = 0
         self._lock = threading.RLock()
         self._burst = BurstLog(log)
-        self.listener: TierListener | None = None  # told of keys indexed and unindexed (cluster events)
+        self.listeners: list[TierListener] = []  # told of keys indexed and unindexed (KV events)
         _ensure_writable(self.root)
         self._scan()
 
@@ -108,8 +108,8 @@ class FileTier:
         self._policy.insert(key)
         self.stats.bytes += size
         self.stats.objects += 1
-        if self.listener is not None:
-            self.listener(self.name, True, key)
+        for listener in self.listeners:
+            listener(self.name, True, key)
 
     def _unindex(self, key: ChunkKey) -> None:
         size = self._sizes.pop(key, None)
@@ -117,8 +117,8 @@ class FileTier:
             self._policy.remove(key)
             self.stats.bytes -= size
             self.stats.objects -= 1
-            if self.listener is not None:
-                self.listener(self.name, False, key)
+            for listener in self.listeners:
+                listener(self.name, False, key)
 
     def _make_room(self, nbytes: int) -> bool:
         """Evict until `nbytes` more fit in the budget (under the lock)."""

@@ -13,7 +13,7 @@ CHUNK_BYTES = SMALL.bytes_per_token * 4
 def test_cpu_tier_reports_puts_and_evictions(make_cpu):
     tier = make_cpu(2 * CHUNK_BYTES)
     seen: list[tuple[str, bool, object]] = []
-    tier.listener = lambda name, admitted, k: seen.append((name, admitted, k))
+    tier.listeners.append(lambda name, admitted, k: seen.append((name, admitted, k)))
     for i in range(3):
         tier.put(key(i), random_kv(SMALL, 4, i))
     tier.put(key(2), random_kv(SMALL, 4, 2))  # already held: no event
@@ -25,7 +25,7 @@ def test_cpu_tier_reports_puts_and_evictions(make_cpu):
 def test_disk_tier_reports_puts_evictions_and_deletes(make_disk):
     tier = make_disk(2 * (CHUNK_BYTES + 128))
     seen: list[tuple[bool, object]] = []
-    tier.listener = lambda name, admitted, k: seen.append((admitted, k))
+    tier.listeners.append(lambda name, admitted, k: seen.append((admitted, k)))
     for i in range(3):
         tier.put(key(i), random_kv(SMALL, 4, i))
     tier.delete(key(1))

@@ -43,7 +43,8 @@ def run(tmp_path: Path, rounds: list[list[list[int]]], disk: Path | None = None,
     if disk is not None:
         cmd += ["--disk", str(disk)]
     for flag, value in flags.items():
-        cmd += [f"--{flag.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        if value is not False:
+            cmd += [f"--{flag.replace('_', '-')}"] + ([] if value is True else [str(value)])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-4000:]
@@ -119,6 +120,17 @@ def test_multiprocess_mode_scheduler_and_worker_apart(tmp_path, corpus):
     cached = run_matching_plain(tmp_path, rounds, tmp_path / "disk", mp=True)
     assert cached["stats"] is None  # the worker is another process; its log says what it loaded
     assert cached["loaded"] == [1999]
+
+
+@pytest.mark.parametrize("mp", [False, True], ids=["in-process", "multiprocess"])
+def test_the_memory_tier_alone_is_reused_in_both_process_modes(tmp_path, corpus, mp):
+    # the default configuration (L1 only, no disk): the scheduler counts what the worker holds in
+    # memory through its published keys, also from another process
+    rounds = [[corpus[:3000]], [corpus[:3000]]]
+    cached = run(tmp_path, rounds, memory_only=True, mp=mp)
+    assert cached["loaded"] == [2999]
+    assert "vLLM's scheduler reuses KV from the workers' memory (L1 4.0 GiB per rank)" in cached["stderr"]
+    assert cached["outputs"] == run(tmp_path, rounds, mp=mp)["outputs"]
 
 
 def test_corrupt_object_is_recomputed_and_stored_again(tmp_path, corpus):

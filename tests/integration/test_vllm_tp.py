@@ -116,3 +116,13 @@ def test_tensor_parallel_reuse_and_a_load_failing_on_one_rank(tmp_path, tiny_mod
     third = run_matching_plain(tmp_path, [[whole], [shorter]], disk, **flags)
     assert third["loaded"] == [1023] * TP + [999] * TP
     assert second["outputs"][0] == third["outputs"][1]
+
+
+def test_tensor_parallel_memory_tier_alone(tmp_path, tiny_model):
+    # no disk: the scheduler counts a chunk once both ranks' published L1 keys list their shard
+    rng = random.Random(2)
+    prompt = [rng.randrange(100, 40000) for _ in range(3000)]
+    flags = {"model": tiny_model, "tp": TP}
+    cached = run(tmp_path, [[prompt], [prompt]], memory_only=True, **flags)
+    assert cached["loaded"] == [2999] * TP
+    assert cached["outputs"] == run(tmp_path, [[prompt], [prompt]], **flags)["outputs"]

@@ -2,8 +2,8 @@
 
 Used by tests/integration/test_vllm.py, each call in its own process (like separate vLLM instances).
 
-    python tests/integration/vllm_runner.py PROMPTS.json [--disk DIR] [--mp] [--prefix-caching] [--model DIR] [--tp N]
-        [--max-num-batched-tokens N] [--num-blocks N] [--max-model-len N] [--kv-cache-dtype fp8]
+    python tests/integration/vllm_runner.py PROMPTS.json [--disk DIR | --memory-only] [--mp] [--prefix-caching]
+        [--model DIR] [--tp N] [--max-num-batched-tokens N] [--num-blocks N] [--max-model-len N] [--kv-cache-dtype fp8]
         [--admin-ports N]
 """
 
@@ -19,6 +19,8 @@ def main() -> None:
     parser.add_argument("prompts", help="JSON file: a list of rounds, each a list of prompts (token-id lists, or "
                         "objects such as {\"prompt_token_ids\": [...], \"cache_salt\": \"a\"})")  # fmt: skip
     parser.add_argument("--disk", help="use KVTierConnector with this disk tier directory")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="use KVTierConnector with its default configuration: the memory tier alone")  # fmt: skip
     parser.add_argument("--mp", action="store_true", help="vLLM's multiprocess mode (scheduler and worker apart)")
     parser.add_argument("--prefix-caching", action="store_true", help="keep vLLM's own prefix cache on")
     parser.add_argument("--max-tokens", type=int, default=8)
@@ -50,13 +52,14 @@ def main() -> None:
 
     from kvtier.models import export_default_model
 
-    if args.disk:
+    if args.disk or args.memory_only:
+        disk = {"disk": {"path": args.disk}} if args.disk else {}
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVTierConnector",
             kv_connector_module_path="kvtier.integration.vllm",
             kv_role="kv_both",
             kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"disk": {"path": args.disk}, "log_level": "info", **json.loads(args.extra)},
+            kv_connector_extra_config={**disk, "log_level": "info", **json.loads(args.extra)},
         )
     llm = LLM(
         model=args.model or str(export_default_model()),

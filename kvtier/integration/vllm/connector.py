@@ -24,8 +24,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from kvtier.cluster.holdings import address as holdings_address
+from kvtier.integration.vllm.lookup import SchedulerLookup
 from kvtier.integration.vllm.plan import Planner, StepPlan
-from kvtier.integration.vllm.setup import acquire_node, release_node, settings_from
+from kvtier.integration.vllm.setup import acquire_node, release_node, scheduler_lookup, settings_from
 from kvtier.integration.vllm.worker import Worker
 
 if TYPE_CHECKING:
@@ -55,16 +57,20 @@ class KVTierConnector(KVConnectorBase_V1):
             rank = get_tensor_model_parallel_rank()
         self._node = acquire_node(self._settings, rank, services=role == KVConnectorRole.WORKER)
         self._engine = self._node.engine
+        engine_id = str(self._kv_transfer_config.engine_id)
+        self._lookup: SchedulerLookup | None = None
         self._planner: Planner | None = None
         self._worker: Worker | None = None
         self._requests: dict[str, Any] = {}
         if role == KVConnectorRole.SCHEDULER:
             _recompute_failed_loads(self._kv_transfer_config)
-            self._planner = Planner(self._engine.lookup, self._settings.block_size, config.chunk_size,
+            self._lookup = scheduler_lookup(self._node, engine_id)
+            self._planner = Planner(self._lookup, self._settings.block_size, config.chunk_size,
                                     config.save_partial_chunks, self._settings.save_decode_tokens,
                                     self._settings.load_partial_blocks)  # fmt: skip
         else:
             settings = self._settings
+            self._node.publish_holdings(holdings_address(engine_id, rank))
             self._worker = Worker(self._engine, settings.block_size, _tp_agreement(settings.world_size),
                                   settings.model_dtype, settings.cache_dtype)  # fmt: skip
         log.info("kvtier connector (%s, pid %d, rank %d) for %s: chunk %d, block %d; %s", role.name, os.getpid(),
@@ -146,6 +152,8 @@ class KVTierConnector(KVConnectorBase_V1):
         return self._worker.take_load_errors() if self._worker is not None else set()
 
     def shutdown(self) -> None:
+        if self._lookup is not None:
+            self._lookup.close()
         release_node(self._node)
 
     def _plan(self) -> StepPlan:

@@ -14,18 +14,26 @@ same ports as rank 0. When the roles share a process, the node's services start 
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from kvtier.cluster.holdings import HoldingsMirror, address
 from kvtier.config import Config
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError
+from kvtier.integration.vllm.lookup import SchedulerLookup
 from kvtier.layout import KVLayout
+from kvtier.logutil import STARTUP
 from kvtier.models import model_id_for
 from kvtier.node import Node
+from kvtier.units import format_size
+
+startup = logging.getLogger(STARTUP)
+MIRROR_WAIT_S = 10.0  # how long the scheduler waits at start-up for every rank's published L1 keys
 
 # kv_connector_extra_config keys that configure the connector itself, not the cache
 CONNECTOR_OPTIONS = {"save_decode_tokens": False, "load_partial_blocks": True}
@@ -133,3 +141,31 @@ def release_node(node: Node) -> None:
                 del _nodes[key]
                 break
     node.close()
+
+
+def scheduler_lookup(node: Node, engine_id: str, wait_s: float = MIRROR_WAIT_S) -> SchedulerLookup:
+    """The scheduler's lookup over `node`'s engine and the worker ranks' published L1 keys; logs where
+    the scheduler will find KV to reuse, and warns about a configuration where it can find none."""
+    engine, config = node.engine, node.config
+    mirror = None
+    sources = []
+    if config.l1.size:
+        mirror = HoldingsMirror([address(engine_id, rank) for rank in range(engine.world_size)])
+        if mirror.wait_connected(wait_s):
+            sources.append(f"the workers' memory (L1 {format_size(config.l1.size)} per rank)")
+        else:
+            missing = [rank for rank, up in enumerate(mirror.connected) if not up]
+            startup.warning("kvtier: the scheduler cannot see the memory tier of rank(s) %s after %.0f s (their "
+                            "L1 keys are not published); it will count their chunks once they are", missing,
+                            wait_s)  # fmt: skip
+    if config.disk.path:
+        sources.append(f"disk {config.disk.path} ({format_size(config.disk.size)})")
+    if config.remote.url:
+        sources.append(f"remote {engine.chain.lower[-1].name if engine.chain.lower else config.remote.url}")
+    if not sources:
+        startup.warning("kvtier: no tier is configured (l1.size 0, no disk.path, no remote.url): vLLM will reuse "
+                        "nothing from kvtier")  # fmt: skip
+    else:
+        startup.info("kvtier: vLLM's scheduler reuses KV from %s; chunks of %d tokens, model %s, %d rank(s)",
+                     ", ".join(sources), config.chunk_size, engine.model_id, engine.world_size)  # fmt: skip
+    return SchedulerLookup(engine, mirror)
