@@ -10,7 +10,6 @@ import torch
 from kvtier import CacheEngine, Config, KVLayout
 from kvtier.adapters.paged import PagedKV, expected_shape
 from kvtier.errors import LayoutError
-from kvtier.integration.vllm.cpu_check import check_cpu_layout
 from kvtier.integration.vllm.plan import LoadSpec, StepPlan, StoreSpec
 from kvtier.integration.vllm.worker import Worker, detect_kind, layer_order
 
@@ -214,28 +213,87 @@ def test_stores_are_logged_with_what_they_added(tmp_path, caplog):
     assert stored == ["a: stored 24 new tokens of [0, 24)"]
 
 
-@pytest.mark.parametrize(("dtype", "block_size", "head_dim"), [(torch.float32, 128, 64), (torch.bfloat16, 16, 128)])
-def test_cpu_layout_reads_what_vllms_attention_kernel_writes(dtype, block_size, head_dim):
-    pytest.importorskip("vllm")
+def _written_by_vllm(isa: str, layout: KVLayout, block_size: int, blocks: int, slots, want) -> list[torch.Tensor]:
+    """Per-layer CPU caches holding canonical `want` at `slots`, written by vLLM's `isa` kernel op."""
     from vllm import _custom_ops as ops
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    layout = KVLayout(2, 3, head_dim, dtype)
-    caches = [torch.zeros(expected_shape("cpu", layout, 4, block_size), dtype=dtype) for _ in range(2)]
+    caches = [torch.zeros(expected_shape("cpu", layout, blocks, block_size), dtype=layout.dtype) for _ in range(2)]
+    for layer, cache in enumerate(caches):  # what vLLM's forward pass writes
+        key_cache, value_cache = cache.view(blocks, layout.num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(want[0, layer].clone(), want[1, layer].clone(), key_cache, value_cache,
+                                       slots, isa)  # fmt: skip
+    return caches
+
+
+# Every x86 kernel of vLLM's CPU backend, in every dtype it takes. The op that writes the cache only
+# moves data, so it runs with the `amx` kernel on CPUs without AMX too (this one: AMD EPYC).
+KERNELS = [(isa, dtype) for isa in ("vec", "amx") for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize(("isa", "dtype"), [*KERNELS, ("vec16", torch.bfloat16), ("vec16", torch.float32)])
+def test_cpu_layout_reads_what_each_vllm_kernel_writes(isa, dtype):
+    pytest.importorskip("vllm")
+    from kvtier.integration.vllm.cpu_check import cpu_block_orders
+
+    block_size = 16 if isa == "vec16" else 64
+    layout = KVLayout(2, 3, 64, dtype)
     slots = torch.tensor([3 * block_size + 5, 1 * block_size, 1 * block_size + 1])  # scattered, in no order
     gen = torch.Generator().manual_seed(0)
     want = torch.randn(layout.shape(3), generator=gen).to(dtype)  # canonical [2, layers, tokens, heads, dim]
-    isa = _get_attn_isa(dtype, block_size, head_dim)
-    for layer, cache in enumerate(caches):  # what vLLM's forward pass writes
-        key_cache, value_cache = cache.view(4, 3, 2 * block_size, head_dim).chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(
-            want[0, layer].clone(), want[1, layer].clone(), key_cache, value_cache, slots, isa
-        )
-    paged = PagedKV("cpu", layout, caches, block_size)
+    caches = _written_by_vllm(isa, layout, block_size, 4, slots, want)
+    paged = PagedKV("cpu", layout, caches, block_size, cpu_block_orders(layout, block_size, isa=isa))
     full = paged.gather(torch.tensor([3, 1]), 0, 2 * block_size)  # tokens 5 of block 3, then 0 and 1 of block 1
     assert torch.equal(full[:, :, 5], want[:, :, 0])
     assert torch.equal(full[:, :, block_size : block_size + 2], want[:, :, 1:])
-    check_cpu_layout(layout, block_size)  # the connector's start-up check agrees
+
+
+def test_amx_orders_are_vnni_pairs_and_vec_orders_columns_and_rows():
+    pytest.importorskip("vllm")
+    from kvtier.adapters.paged import BlockOrder, vec_orders
+    from kvtier.integration.vllm.cpu_check import learn_orders
+
+    layout = KVLayout(1, 2, 64, torch.bfloat16)
+    k, v = learn_orders("amx", layout, 32, torch.bfloat16, "auto")
+    # AMX tiles with VNNI pairs: K as [block_size / 16, head_dim / 2, 16 tokens, 2 dims],
+    # V as [head_dim / 16, block_size / 2, 16 dims, 2 tokens]
+    assert k == BlockOrder(16, 2, t_hi=1024, t_step=2, d_hi=32, d_step=1)
+    assert v == BlockOrder(2, 16, t_hi=32, t_step=1, d_hi=512, d_step=2)
+    assert learn_orders("vec", layout, 32, torch.bfloat16, "auto") == vec_orders(32, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_chunk_stored_from_an_amx_instance_loads_into_a_vec_instance_and_transformers(tmp_path, dtype):
+    pytest.importorskip("vllm")
+    from kvtier.integration.vllm.cpu_check import cpu_block_orders
+
+    block_size, n = 32, 70  # two whole blocks and a partial third
+    layout = KVLayout(2, 2, 64, dtype)
+    gen = torch.Generator().manual_seed(1)
+    want = torch.randn(layout.shape(n), generator=gen).to(dtype)
+    amx = _written_by_vllm("amx", layout, block_size, 3, torch.arange(n), want)
+    config = Config.from_dict({"chunk_size": 32, "disk": {"path": str(tmp_path)}})
+    tokens = list(range(n))
+    with CacheEngine(config, layout, "m") as engine:  # the AMX instance stores
+        paged = PagedKV("cpu", layout, amx, block_size, cpu_block_orders(layout, block_size, isa="amx"))
+        engine.store_chunks(tokens, lambda lo, hi: paged.gather(torch.tensor([0, 1, 2]), 0, n)[:, :, lo:hi])
+    with CacheEngine(config, layout, "m") as engine:  # a vec instance loads, from disk
+        caches = [torch.zeros_like(c) for c in amx]
+        vec = PagedKV("cpu", layout, caches, block_size, cpu_block_orders(layout, block_size, isa="vec"))
+        ids = torch.tensor([2, 0, 1])
+        assert engine.retrieve_into(tokens, lambda lo, hi, kv: vec.scatter(ids, lo, kv)) == n
+        direct = _written_by_vllm(
+            "vec",
+            layout,
+            block_size,
+            3,
+            torch.tensor(
+                [2 * block_size + i for i in range(32)] + list(range(32)) + [block_size + i for i in range(6)]
+            ),
+            want,
+        )
+        for got, expected in zip(caches, direct, strict=True):
+            assert torch.equal(got, expected)  # what vLLM's vec kernel itself writes for these tokens
+        assert torch.equal(engine.retrieve(tokens), want)  # the canonical chunks transformers loads
 
 
 def _fp8_kv_on_this_cpu() -> bool:
@@ -248,9 +306,11 @@ def _fp8_kv_on_this_cpu() -> bool:
 def test_fp8_caches_are_read_as_vllm_writes_them(tmp_path, caplog, cache_dtype, dtype):
     pytest.importorskip("vllm")
     layout = KVLayout(3, 2, 64, dtype)
+    from kvtier.integration.vllm.cpu_check import cpu_block_orders
+
     with caplog.at_level(logging.DEBUG, logger="kvtier.vllm"):
-        check_cpu_layout(layout, 32, torch.float32, cache_dtype)  # writes through vLLM's quantizing op
-    assert "matches kvtier's 'cpu' layout" in caplog.text and "could not check" not in caplog.text
+        cpu_block_orders(layout, 32, torch.float32, cache_dtype)  # learned through vLLM's quantizing op
+    assert "keeps K as" in caplog.text and "could not learn" not in caplog.text
     # vLLM allocates fp8 caches as bytes: the worker reads them as the layout's dtype
     engine = CacheEngine(Config.from_dict({"chunk_size": 64, "disk": {"path": str(tmp_path)}}), layout, "m")
     worker = Worker(engine, 32, model_dtype=torch.float32, cache_dtype=cache_dtype)
@@ -280,17 +340,23 @@ def _tokens_of(block: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([k.transpose(1, 2), v], dim=2)
 
 
-def test_a_cpu_kernel_with_another_block_order_is_refused(monkeypatch):
+def test_an_order_that_is_no_strided_view_is_refused():
+    from kvtier.adapters.paged import BlockOrder
+    from kvtier.integration.vllm.cpu_check import fit_order
+
+    k_columns = BlockOrder.columns(32, 64)
+    assert fit_order(k_columns.offsets(32, 64)) == k_columns
+    shuffled = torch.randperm(32 * 64, generator=torch.Generator().manual_seed(0)).view(32, 64)
+    assert fit_order(shuffled) is None
+
+
+def test_the_worker_refuses_a_kernel_it_cannot_read(monkeypatch):
     pytest.importorskip("vllm")
-    from kvtier.adapters import paged
+    from kvtier.integration.vllm import cpu_check
 
-    def k_rows_then_v_rows(cache, layout, block_size):  # the reading kvtier had before checking it against vLLM
-        view = cache.view(cache.shape[0], layout.num_kv_heads, 2, block_size, layout.head_dim)
-        return list(view.permute(0, 2, 3, 1, 4).unbind(1))
-
-    monkeypatch.setitem(paged.PLANE_VIEWS, "cpu", k_rows_then_v_rows)
-    with pytest.raises(LayoutError, match="stores KV blocks in an order kvtier does not know"):
-        check_cpu_layout(KVLayout(2, 3, 64, torch.float32), 128)
+    monkeypatch.setattr(cpu_check, "fit_order", lambda table: None)
+    with pytest.raises(LayoutError, match="in an order that is not a strided view; kvtier cannot run with it"):
+        cpu_check.cpu_block_orders(KVLayout(2, 3, 64, torch.float32), 128)
 
 
 def test_which_requests_are_cached_and_under_which_salt():

@@ -9,22 +9,30 @@ when the blocks are scattered (indexed copies run at about half the speed of sli
 
 Layouts (per layer):
 - ``cpu``:        `(num_blocks, kv_heads, block_size, 2 * head_dim)` (vLLM's CPU backend), whose memory
-                  holds, per block and head, K as `[head_dim, block_size]` (one column per token: what
-                  vLLM's CPU attention kernels write, checked against them when the connector starts),
-                  then V as `[block_size, head_dim]`.
+                  holds, per block and head, K's `block_size x head_dim` values, then V's, each in the
+                  order its attention kernel wants (a `BlockOrder` per plane). The `vec` and `vec16`
+                  kernels keep K as `[head_dim, block_size]` (a column per token) and V as rows (the
+                  default, `vec_orders`); `amx` keeps 16-bit KV in AMX tiles with VNNI pairs, K as
+                  `[block_size / 16, head_dim / 2, 16, 2]` and V as `[head_dim / 16, block_size / 2,
+                  16, 2]`. The vLLM connector learns the orders of the kernel vLLM picked at start-up,
+                  from vLLM's own cache-write op (integration/vllm/cpu_check.py).
 - ``flash_nhd``:  `[2, num_blocks, block_size, kv_heads, head_dim]` (FlashAttention)
 - ``flash_hnd``:  `[2, num_blocks, kv_heads, block_size, head_dim]`
 - ``flashinfer``: `[num_blocks, 2, block_size, kv_heads, head_dim]`
 - ``mla``:        `[num_blocks, block_size, latent_dim]` (one latent per token; canonical planes = 1)
-All are plain torch ops, so they run on any device. `gather` returns head-major chunks (see
-kvtier.layout) for the layouts that keep each head's tokens of a block together (``cpu``'s V,
-``flash_hnd``), so that those copies move whole `block_size x head_dim` runs; token-major for the
-others. (``cpu``'s K is transposed by every copy, either way.)
+A plane view is six-dimensional, `[num_blocks, block_size / t_lo, t_lo, kv_heads, head_dim / d_lo,
+d_lo]`, so that orders that interleave pairs of tokens or dims (t_lo, d_lo > 1) are strided views
+too; every copy splits its canonical side the same way. All are plain torch ops, so they run on
+any device. `gather` returns head-major chunks (see kvtier.layout) for the layouts that keep each
+head's tokens of a block together (``cpu``, ``flash_hnd``), so that those copies move whole
+`block_size x head_dim` runs of V; token-major for the others. (``cpu``'s K is transposed by every
+copy, either way.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -34,12 +42,61 @@ from kvtier.layout import KVLayout
 PlaneViews = Callable[[torch.Tensor, KVLayout, int], list[torch.Tensor]]
 
 
-def _cpu(cache: torch.Tensor, layout: KVLayout, block_size: int) -> list[torch.Tensor]:
+@dataclass(frozen=True, slots=True)
+class BlockOrder:
+    """Where one head's K (or V) values sit in their `block_size x head_dim` region of a CPU block:
+    token t, dim d at `base + (t // t_lo) * t_hi + (t % t_lo) * t_step + (d // d_lo) * d_hi +
+    (d % d_lo) * d_step` elements from the region's start."""
+
+    t_lo: int
+    d_lo: int
+    t_hi: int
+    t_step: int
+    d_hi: int
+    d_step: int
+    base: int = 0
+
+    @staticmethod
+    def rows(block_size: int, head_dim: int) -> BlockOrder:
+        """`[block_size, head_dim]`: a row per token."""
+        return BlockOrder(1, 1, head_dim, 1, 1, 1)
+
+    @staticmethod
+    def columns(block_size: int, head_dim: int) -> BlockOrder:
+        """`[head_dim, block_size]`: a column per token."""
+        return BlockOrder(1, 1, 1, 1, block_size, 1)
+
+    def offsets(self, block_size: int, head_dim: int) -> torch.Tensor:
+        """The `[block_size, head_dim]` element offsets this order gives."""
+        t = torch.arange(block_size).unsqueeze(1)
+        d = torch.arange(head_dim).unsqueeze(0)
+        return (self.base + (t // self.t_lo) * self.t_hi + (t % self.t_lo) * self.t_step
+                + (d // self.d_lo) * self.d_hi + (d % self.d_lo) * self.d_step)  # fmt: skip
+
+
+def vec_orders(block_size: int, head_dim: int) -> tuple[BlockOrder, BlockOrder]:
+    """K and V orders of vLLM's `vec` and `vec16` CPU kernels (K columns, V rows)."""
+    return BlockOrder.columns(block_size, head_dim), BlockOrder.rows(block_size, head_dim)
+
+
+def _cpu_views(
+    cache: torch.Tensor, layout: KVLayout, block_size: int, orders: Sequence[BlockOrder]
+) -> list[torch.Tensor]:
+    """Six-dimensional plane views of a CPU cache whose block regions hold K then V in `orders`."""
     blocks, heads, dim = cache.shape[0], layout.num_kv_heads, layout.head_dim
-    halves = cache.view(blocks, heads, 2, block_size * dim)
-    k = halves[:, :, 0].view(blocks, heads, dim, block_size).permute(0, 3, 1, 2)
-    v = halves[:, :, 1].view(blocks, heads, block_size, dim).permute(0, 2, 1, 3)
-    return [k, v]
+    if cache.stride(2) != 2 * dim or cache.stride(3) != 1:
+        raise LayoutError(f"a CPU KV cache must be contiguous inside its blocks; strides {cache.stride()}")
+    views = []
+    for plane, o in enumerate(orders):
+        size = (blocks, block_size // o.t_lo, o.t_lo, heads, dim // o.d_lo, o.d_lo)
+        stride = (cache.stride(0), o.t_hi, o.t_step, cache.stride(1), o.d_hi, o.d_step)
+        offset = cache.storage_offset() + plane * block_size * dim + o.base
+        views.append(cache.as_strided(size, stride, offset))
+    return views
+
+
+def _cpu(cache: torch.Tensor, layout: KVLayout, block_size: int) -> list[torch.Tensor]:
+    return _cpu_views(cache, layout, block_size, vec_orders(block_size, layout.head_dim))
 
 
 def _flash_nhd(cache: torch.Tensor, layout: KVLayout, block_size: int) -> list[torch.Tensor]:
@@ -86,7 +143,15 @@ def expected_shape(kind: str, layout: KVLayout, num_blocks: int, block_size: int
 class PagedKV:
     """Gathers and scatters canonical KV for token ranges of one request's blocks."""
 
-    def __init__(self, kind: str, layout: KVLayout, caches: list[torch.Tensor], block_size: int) -> None:
+    def __init__(
+        self,
+        kind: str,
+        layout: KVLayout,
+        caches: list[torch.Tensor],
+        block_size: int,
+        orders: Sequence[BlockOrder] | None = None,
+    ) -> None:
+        """`orders`: for the ``cpu`` kind, the K and V orders inside its blocks (default `vec_orders`)."""
         if kind not in PLANE_VIEWS:
             raise LayoutError(f"unknown paged layout {kind!r}; supported: {', '.join(PLANE_VIEWS)}")
         if (kind == "mla") != layout.mla:
@@ -104,9 +169,28 @@ class PagedKV:
                     f"layer {i}: KV cache {tuple(cache.shape)} {cache.dtype} is not the {kind} layout "
                     f"{want} {layout.dtype}"
                 )
-        # [layer][plane] -> [num_blocks, block_size, kv_heads, head_dim]
-        self.views = [PLANE_VIEWS[kind](cache, layout, block_size) for cache in caches]
+        if orders is not None and kind != "cpu":
+            raise LayoutError(f"block orders apply to the cpu layout, not {kind!r}")
+        if kind == "cpu":
+            orders = tuple(orders or vec_orders(block_size, layout.head_dim))
+            for o in orders:
+                if block_size % o.t_lo or layout.head_dim % o.d_lo:
+                    raise LayoutError(f"{o} does not tile blocks of {block_size} tokens x {layout.head_dim} dims")
+            self.views = [_cpu_views(cache, layout, block_size, orders) for cache in caches]
+            self.splits = [(o.t_lo, o.d_lo) for o in orders]
+        else:  # [layer][plane] -> [num_blocks, block_size, 1, kv_heads, head_dim, 1]
+            self.views = [
+                [view.unflatten(1, (block_size, 1)).unflatten(-1, (view.shape[-1], 1)) for view in planes]
+                for planes in (PLANE_VIEWS[kind](cache, layout, block_size) for cache in caches)
+            ]
+            self.splits = [(1, 1)] * len(self.views[0])
         self.device = caches[0].device
+
+    def _split(self, x: torch.Tensor, plane: int) -> torch.Tensor:
+        """`[..., block_size, heads, dim]` canonical blocks as `[..., block_size / t_lo, t_lo, heads,
+        dim / d_lo, d_lo]`, the shape of the plane's views (a view: any strides split)."""
+        t_lo, d_lo = self.splits[plane]
+        return x.unflatten(-3, (x.shape[-3] // t_lo, t_lo)).unflatten(-1, (x.shape[-1] // d_lo, d_lo))
 
     def _blocks(self, block_ids: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, int]:
         """Block ids (on the CPU) covering tokens [start, end) (start block-aligned), and tokens in
@@ -128,10 +212,11 @@ class PagedKV:
         if runs is None:  # scattered: one indexed copy per layer and plane
             dev_ids = ids.to(self.device)
             for layer, plane, view in self._planes():
-                blocks[plane, layer].copy_(view.index_select(0, dev_ids))
+                self._split(blocks[plane, layer], plane).copy_(view.index_select(0, dev_ids))
         else:  # consecutive blocks: one batched copy over every layer and plane per run
             for offset, first, length in runs:
-                dst = [blocks[plane, layer, offset : offset + length] for layer, plane, _ in self._planes()]
+                dst = [self._split(blocks[plane, layer, offset : offset + length], plane)
+                       for layer, plane, _ in self._planes()]  # fmt: skip
                 _copy_all(dst, [view[first : first + length] for _, _, view in self._planes()])
         return out[:, :, : end - start]
 
@@ -149,15 +234,28 @@ class PagedKV:
             if runs is None:
                 dev_ids = ids[:full].to(self.device)
                 for layer, plane, view in self._planes():
-                    view.index_copy_(0, dev_ids, blocks[plane, layer])
+                    view.index_copy_(0, dev_ids, self._split(blocks[plane, layer], plane))
             else:
                 for offset, first, length in runs:  # one batched copy over every layer and plane per run
-                    src = [blocks[plane, layer, offset : offset + length] for layer, plane, _ in self._planes()]
+                    src = [self._split(blocks[plane, layer, offset : offset + length], plane)
+                           for layer, plane, _ in self._planes()]  # fmt: skip
                     _copy_all([view[first : first + length] for _, _, view in self._planes()], src)
         if tail < bs:
             last = int(ids[full])
             for layer, plane, view in self._planes():
-                view[last, :tail] = kv[plane, layer, full * bs :]
+                self._write_head(view[last], plane, kv[plane, layer, full * bs :])
+
+    def _write_head(self, block: torch.Tensor, plane: int, kv: torch.Tensor) -> None:
+        """Write `kv` (`[tokens, heads, dim]`, fewer tokens than a block) into the first tokens of
+        one block's plane view, leaving its other tokens as they are."""
+        t_lo, _ = self.splits[plane]
+        if kv.shape[0] % t_lo == 0:  # whole groups of t_lo tokens: a strided copy
+            block[: kv.shape[0] // t_lo].copy_(self._split(kv, plane))
+            return
+        whole = self.layout.empty(self.block_size, self.device)[0, 0]  # [block_size, heads, dim]
+        self._split(whole, plane).copy_(block)  # read the block, change its head, write it back
+        whole[: kv.shape[0]] = kv
+        block.copy_(self._split(whole, plane))
 
     def _planes(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(layer, plane, view) for every layer's K and V (or latent) view, in a fixed order."""

@@ -15,7 +15,7 @@ import torch
 from kvtier.adapters.paged import PagedKV
 from kvtier.engine import CacheEngine
 from kvtier.errors import LayoutError
-from kvtier.integration.vllm.cpu_check import as_layout_dtype, check_cpu_layout
+from kvtier.integration.vllm.cpu_check import as_layout_dtype, cpu_block_orders
 from kvtier.integration.vllm.plan import LoadSpec, StepPlan, StoreSpec
 from kvtier.layout import compact
 
@@ -87,9 +87,10 @@ class Worker:
             )
         caches = [as_layout_dtype(kv_caches[name], layout.dtype) for name in layer_order(list(kv_caches))]
         kind = detect_kind(caches[0], layout.head_dim, self.block_size, layout.mla)
-        self.paged = PagedKV(kind, layout, caches, self.block_size)
-        if kind == "cpu" and caches[0].device.type == "cpu":
-            check_cpu_layout(layout, self.block_size, self.model_dtype, self.cache_dtype)
+        orders = None
+        if kind == "cpu" and caches[0].device.type == "cpu":  # as the kernel vLLM picked writes its blocks
+            orders = cpu_block_orders(layout, self.block_size, self.model_dtype, self.cache_dtype)
+        self.paged = PagedKV(kind, layout, caches, self.block_size, orders)
         log.info("registered %d layers of %s paged KV (block size %d)", len(caches), kind, self.block_size)
 
     def load(self, plan: StepPlan) -> None:
