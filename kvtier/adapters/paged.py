@@ -20,13 +20,14 @@ Layouts (per layer):
 - ``flash_hnd``:  `[2, num_blocks, kv_heads, block_size, head_dim]`
 - ``flashinfer``: `[num_blocks, 2, block_size, kv_heads, head_dim]`
 - ``mla``:        `[num_blocks, block_size, latent_dim]` (one latent per token; canonical planes = 1)
-A plane view is six-dimensional, `[num_blocks, block_size / t_lo, t_lo, kv_heads, head_dim / d_lo,
-d_lo]`, so that orders that interleave pairs of tokens or dims (t_lo, d_lo > 1) are strided views
-too; every copy splits its canonical side the same way. All are plain torch ops, so they run on
-any device. `gather` returns head-major chunks (see kvtier.layout) for the layouts that keep each
-head's tokens of a block together (``cpu``, ``flash_hnd``), so that those copies move whole
-`block_size x head_dim` runs of V; token-major for the others. (``cpu``'s K is transposed by every
-copy, either way.)
+A plane view is `[num_blocks, block_size, kv_heads, head_dim]`, or six-dimensional, `[num_blocks,
+block_size / t_lo, t_lo, kv_heads, head_dim / d_lo, d_lo]`, for orders that interleave pairs of
+tokens or dims (t_lo, d_lo > 1), so that those are strided views too; every copy splits its
+canonical side the same way (four dimensions copy faster: torch does not drop the size-1 ones).
+All are plain torch ops, so they run on any device. `gather` returns head-major chunks (see
+kvtier.layout) for the layouts that keep each head's tokens of a block together (``cpu``,
+``flash_hnd``), so that those copies move whole `block_size x head_dim` runs of V; token-major for
+the others. (``cpu``'s K is transposed by every copy, either way.)
 """
 
 from __future__ import annotations
@@ -88,9 +89,13 @@ def _cpu_views(
         raise LayoutError(f"a CPU KV cache must be contiguous inside its blocks; strides {cache.stride()}")
     views = []
     for plane, o in enumerate(orders):
+        offset = cache.storage_offset() + plane * block_size * dim + o.base
+        if o.t_lo == o.d_lo == 1:  # four dimensions: torch copies them faster than six with two of size 1
+            views.append(cache.as_strided((blocks, block_size, heads, dim),
+                                          (cache.stride(0), o.t_hi, cache.stride(1), o.d_hi), offset))  # fmt: skip
+            continue
         size = (blocks, block_size // o.t_lo, o.t_lo, heads, dim // o.d_lo, o.d_lo)
         stride = (cache.stride(0), o.t_hi, o.t_step, cache.stride(1), o.d_hi, o.d_step)
-        offset = cache.storage_offset() + plane * block_size * dim + o.base
         views.append(cache.as_strided(size, stride, offset))
     return views
 
@@ -178,11 +183,8 @@ class PagedKV:
                     raise LayoutError(f"{o} does not tile blocks of {block_size} tokens x {layout.head_dim} dims")
             self.views = [_cpu_views(cache, layout, block_size, orders) for cache in caches]
             self.splits = [(o.t_lo, o.d_lo) for o in orders]
-        else:  # [layer][plane] -> [num_blocks, block_size, 1, kv_heads, head_dim, 1]
-            self.views = [
-                [view.unflatten(1, (block_size, 1)).unflatten(-1, (view.shape[-1], 1)) for view in planes]
-                for planes in (PLANE_VIEWS[kind](cache, layout, block_size) for cache in caches)
-            ]
+        else:  # [layer][plane] -> [num_blocks, block_size, kv_heads, head_dim]
+            self.views = [PLANE_VIEWS[kind](cache, layout, block_size) for cache in caches]
             self.splits = [(1, 1)] * len(self.views[0])
         self.device = caches[0].device
 
@@ -190,6 +192,8 @@ class PagedKV:
         """`[..., block_size, heads, dim]` canonical blocks as `[..., block_size / t_lo, t_lo, heads,
         dim / d_lo, d_lo]`, the shape of the plane's views (a view: any strides split)."""
         t_lo, d_lo = self.splits[plane]
+        if t_lo == d_lo == 1:  # the plane's views are four-dimensional
+            return x
         return x.unflatten(-3, (x.shape[-3] // t_lo, t_lo)).unflatten(-1, (x.shape[-1] // d_lo, d_lo))
 
     def _blocks(self, block_ids: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, int]:
