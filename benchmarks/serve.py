@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import shutil
@@ -141,6 +142,13 @@ def multi_round(url: str, users: list[str], args: argparse.Namespace, clock: flo
         replies += got
         bar.update(len(got))
     return replies
+
+
+def save(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Every arm's replies so far, as JSON."""
+    data = {name: {"startup_s": r["startup_s"], "replies": [dataclasses.asdict(x) for x in r["replies"]]}
+            for name, r in results.items()}  # fmt: skip
+    path.write_text(json.dumps(data, indent=1))
 
 
 def rows_of(results: dict[str, dict[str, Any]]) -> tuple[list[list[object]], dict[str, Any]]:
@@ -277,11 +285,10 @@ def main() -> None:
         with tqdm(total=total, unit="request") as bar:
             for arm in arms:
                 results[arm.name] = run_arm(arm, args, docs, users, out, bar)
+                save(results, out / "serve_replies.json")  # after every arm: a later failure keeps them
     finally:
         shutil.rmtree(disk, ignore_errors=True)
     rows, summary = rows_of(results)
-    (out / "serve_replies.json").write_text(json.dumps(
-        {name: [vars(r) for r in result["replies"]] for name, result in results.items()}, indent=1))  # fmt: skip
     pngs = plot(results, out)
     headers = ["arm", "workload", "round", "requests", "mean TTFT (s)", "p50 (s)", "p90 (s)", "round (s)",
                "cached tokens", "same answers"]  # fmt: skip
