@@ -181,10 +181,13 @@ class HoldingsMirror:
             self._socks[rank] = sock
             try:
                 self._read(rank, sock)
-            except (OSError, ValueError) as exc:
-                if not self._stop.is_set() and not warned:
+            except ValueError as exc:  # a publisher that speaks something else
+                if not warned:
                     log.warning("holdings of rank %d: %s; reconnecting", rank, exc)
                     warned = True
+            except OSError as exc:  # the worker stopped (shutdown, or a crash vLLM reports itself)
+                if not self._stop.is_set():
+                    log.info("holdings of rank %d: %s; reconnecting", rank, exc)
             finally:
                 self._connected[rank] = False
                 self._held[rank] = set()
