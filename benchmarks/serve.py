@@ -212,16 +212,18 @@ def plot(results: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     workloads = ["longdoc", "multiround"]
+    colors = {name: f"C{i}" for i, name in enumerate(results)}  # one color per arm in every panel
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, workload in zip(axes, workloads, strict=True):
         for name, result in results.items():
             replies = sorted((r for r in result["replies"] if r.workload == workload), key=lambda r: r.started)
             if replies:
-                ax.plot([r.started for r in replies], [r.ttft for r in replies], marker="o", ms=3, label=name)
+                ax.plot([r.started for r in replies], [r.ttft for r in replies], marker="o", ms=3, label=name,
+                        color=colors[name])  # fmt: skip
         ax.set(title=f"{workload}: TTFT of each request", xlabel="seconds since the arm's first request",
                ylabel="TTFT (s)", yscale="log")  # fmt: skip
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     timeline = out / "serve_ttft_timeline.png"
     fig.tight_layout()
     fig.savefig(timeline, dpi=110)
@@ -236,11 +238,11 @@ def plot(results: dict[str, dict[str, Any]], out: Path) -> list[Path]:
             for round_ in rounds:
                 ttfts = [r.ttft for r in results[name]["replies"] if r.workload == workload and r.round == round_]
                 means.append(statistics.fmean(ttfts) if ttfts else 0.0)
-            ax.bar([x + i * width for x in range(len(rounds))], means, width, label=name)
+            ax.bar([x + i * width for x in range(len(rounds))], means, width, label=name, color=colors[name])
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rounds))], [f"round {r}" for r in rounds])
         ax.set(title=f"{workload}: mean TTFT per round", ylabel="mean TTFT (s)", yscale="log")
         ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     per_round = out / "serve_round_means.png"
     fig.tight_layout()
     fig.savefig(per_round, dpi=110)
@@ -263,7 +265,11 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results", help="folder of the plots, logs and replies")
+    parser.add_argument("--replot", help="only report and plot the replies of an earlier run (its serve_replies.json)")
     args = parser.parse_args()
+    if args.replot:
+        finish(load(Path(args.replot)), args, Path(args.out))
+        return
     if "kvtier-restart" in args.arms and "kvtier-disk-small" not in args.arms:
         parser.error("kvtier-restart needs kvtier-disk-small (it restarts on that arm's disk)")
     from transformers import AutoTokenizer
@@ -288,6 +294,20 @@ def main() -> None:
                 save(results, out / "serve_replies.json")  # after every arm: a later failure keeps them
     finally:
         shutil.rmtree(disk, ignore_errors=True)
+    finish(results, args, out)
+
+
+def load(path: Path) -> dict[str, dict[str, Any]]:
+    """The results `save` wrote."""
+    data = json.loads(path.read_text())
+    return {
+        name: {"startup_s": r["startup_s"], "replies": [Reply(**x) for x in r["replies"]]} for name, r in data.items()
+    }
+
+
+def finish(results: dict[str, dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
+    """The table, the target ratios, the plots and the JSON line."""
+    out.mkdir(parents=True, exist_ok=True)
     rows, summary = rows_of(results)
     pngs = plot(results, out)
     headers = ["arm", "workload", "round", "requests", "mean TTFT (s)", "p50 (s)", "p90 (s)", "round (s)",

@@ -69,7 +69,7 @@ class Server:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", self.arm.dtype, "--max-model-len", str(self.max_model_len), "--seed", "0",
-               "--enable-prefix-caching"]  # fmt: skip
+               "--enable-prefix-caching", "--enable-prompt-tokens-details"]  # fmt: skip
         if self.arm.blocks:
             cmd += ["--num-gpu-blocks-override", str(self.arm.blocks)]
         if self.arm.kvtier is not None:
