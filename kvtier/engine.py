@@ -143,12 +143,17 @@ class CacheEngine:
         chunks = self.chunks(tokens, salt=salt)
         n = self.chain.lookup([c.key for c in chunks])
         hit = chunks[n - 1].end if n else 0
+        self.count_lookup(len(tokens), hit, began)
+        return hit
+
+    def count_lookup(self, tokens: int, hit: int, began: float) -> None:
+        """Count a lookup of `tokens` tokens that found `hit`, begun at `began` (perf_counter), in
+        the counters and the observer; for lookups made around the engine (the vLLM scheduler's)."""
         self.counters.lookups += 1
-        self.counters.lookup_tokens += len(tokens)
+        self.counters.lookup_tokens += tokens
         self.counters.lookup_hit_tokens += hit
         if self.observer is not None:
             self.observer("lookup", time.perf_counter() - began)
-        return hit
 
     def store(self, tokens: Any, kv: torch.Tensor, start: int = 0, salt: str | None = None) -> int:
         """Store `kv`, the canonical KV of tokens[start:start + kv.shape[2]]; return tokens newly stored.

@@ -37,11 +37,6 @@ def engine_config(config: Config) -> Config:
     return config.replace(admin=AdminConfig(), cluster=ClusterConfig())
 
 
-def has_services(config: Config) -> bool:
-    """Whether `config` asks for a service around the engine (admin API, cluster membership)."""
-    return bool(config.admin.port or config.cluster.controller_url)
-
-
 def rank_port(port: int, rank: int) -> int:
     """Rank `rank`'s port of a service configured at `port` (0, any free port, stays 0)."""
     return port + rank if port else 0
@@ -78,11 +73,6 @@ class Node:
         self._closed = False
         if services:
             self.start_services()
-
-    @property
-    def services_started(self) -> bool:
-        """Whether `start_services` ran (the services the config asks for are running)."""
-        return self._started
 
     def start_services(self) -> None:
         """Start what the config asks for (idempotent); on failure, stop what started and raise."""

@@ -83,7 +83,8 @@ def vec_orders(block_size: int, head_dim: int) -> tuple[BlockOrder, BlockOrder]:
 def _cpu_views(
     cache: torch.Tensor, layout: KVLayout, block_size: int, orders: Sequence[BlockOrder]
 ) -> list[torch.Tensor]:
-    """Six-dimensional plane views of a CPU cache whose block regions hold K then V in `orders`."""
+    """Plane views of a CPU cache whose block regions hold K then V in `orders` (six-dimensional for
+    an order with pairs, else four)."""
     blocks, heads, dim = cache.shape[0], layout.num_kv_heads, layout.head_dim
     if cache.stride(2) != 2 * dim or cache.stride(3) != 1:
         raise LayoutError(f"a CPU KV cache must be contiguous inside its blocks; strides {cache.stride()}")
@@ -256,7 +257,7 @@ class PagedKV:
         if kv.shape[0] % t_lo == 0:  # whole groups of t_lo tokens: a strided copy
             block[: kv.shape[0] // t_lo].copy_(self._split(kv, plane))
             return
-        whole = self.layout.empty(self.block_size, self.device)[0, 0]  # [block_size, heads, dim]
+        whole = torch.empty(self.block_size, *kv.shape[1:], dtype=kv.dtype, device=self.device)
         self._split(whole, plane).copy_(block)  # read the block, change its head, write it back
         whole[: kv.shape[0]] = kv
         block.copy_(self._split(whole, plane))

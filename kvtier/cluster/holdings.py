@@ -164,9 +164,6 @@ class HoldingsMirror:
                 return i
         return len(keys)
 
-    def __len__(self) -> int:
-        return sum(len(held) for held in self._held)
-
     def _follow(self, rank: int) -> None:
         """Connect to one rank's publisher, apply its frames; reconnect after any failure."""
         warned = False

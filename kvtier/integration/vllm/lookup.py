@@ -12,15 +12,12 @@ prompt. Stale answers are failed loads that vLLM recomputes.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 
 from kvtier.cluster.holdings import HoldingsMirror
 from kvtier.engine import CacheEngine
 from kvtier.keys import ChunkKey
-
-log = logging.getLogger("kvtier.integration.vllm")
 
 
 class SchedulerLookup:
@@ -41,12 +38,7 @@ class SchedulerLookup:
             keys = [c.key for c in chunks[:n]] if rank == engine.rank else engine.rank_keys(chunks[:n], rank, salt)
             n = self._prefix(rank, keys)
         hit = chunks[n - 1].end if n else 0
-        counters = engine.counters
-        counters.lookups += 1
-        counters.lookup_tokens += len(tokens)
-        counters.lookup_hit_tokens += hit
-        if engine.observer is not None:
-            engine.observer("lookup", time.perf_counter() - began)
+        engine.count_lookup(len(tokens), hit, began)
         return hit
 
     def _prefix(self, rank: int, keys: list[ChunkKey]) -> int:
