@@ -137,6 +137,21 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """TLS of this instance's servers (admin API, P2P port) and of what it connects to (controller,
+    peers, kvtiers:// servers). docs/security.md says when to use it."""
+
+    cert: str | None = _opt("optstr", None, "PEM certificate chain the admin API and P2P port present; unset = no TLS")
+    key: str | None = _opt("optstr", None, "PEM private key of tls.cert; unset = in the cert file")
+    ca: str | None = _opt("optstr", None, "PEM CA bundle trusted for servers kvtier connects to; unset = the system's")
+    verify: bool = _opt("bool", True, "verify the certificate and host name of servers kvtier connects to")
+
+    def __post_init__(self) -> None:
+        if self.key and not self.cert:
+            raise ConfigError("tls.key: given without tls.cert")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything a CacheEngine needs to know besides the model and its KV layout."""
 
@@ -152,6 +167,7 @@ class Config:
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= 1 << 20:

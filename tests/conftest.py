@@ -54,3 +54,11 @@ def make_disk(tmp_path):
         return DiskTier(root or tmp_path / "disk", capacity, layout, RawCodec(), policy)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A test CA and a server certificate for 127.0.0.1 and localhost (tests/certs.py)."""
+    from tests.certs import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("certs"))

@@ -9,11 +9,12 @@ Every call takes a `timeout` in seconds that the backend enforces with its clien
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import SplitResult
 
 from kvtier.keys import ChunkKey
+from kvtier.tls import ClientTLS
 
 Buffer = bytes | bytearray | memoryview
 
@@ -58,6 +59,7 @@ class StoreOptions:
 
     connect_timeout: float = 0.5  # seconds to open a connection
     max_connections: int = 8  # connections (or concurrent requests) per store
+    tls: ClientTLS = field(default_factory=ClientTLS)  # how kvtiers:// checks its server (Config.tls)
 
 
 class StoreFactory(Protocol):
