@@ -59,6 +59,7 @@ class StoreOptions:
 
     connect_timeout: float = 0.5  # seconds to open a connection
     max_connections: int = 8  # connections (or concurrent requests) per store
+    max_object: int = 1 << 30  # bytes: largest object a get accepts; a larger reply is an error, not allocated
     tls: ClientTLS = field(default_factory=ClientTLS)  # how kvtiers:// checks its server (Config.tls)
 
 
