@@ -4,7 +4,7 @@
     redis+cluster://host:port[,host:port...]   redis+sentinel://host:port[,host:port...]/service[/db]
     (and rediss+, valkey+, valkeys+ of each)
     s3://bucket/prefix?endpoint=http://host:port&region=us-east-1
-    fs:///shared/path                  kvtier://[:token@]host:port
+    fs:///shared/path                  kvtier://[:token@]host:port   kvtiers:// (TLS)
 
 It sits below both the configuration (which checks `remote.url` when it is set) and the storage
 layer (which opens the backend a parsed URL names), so neither imports the other for it.
@@ -26,6 +26,7 @@ BACKENDS: dict[str, str] = {
     "s3": "kvtier.storage.remote.s3:open_store",
     "fs": "kvtier.storage.remote.fs:open_store",
     "kvtier": "kvtier.server.client:open_store",
+    "kvtiers": "kvtier.server.client:open_store",  # TLS
 }
 # schemes of LMCache's remote_url that kvtier does not speak, with what to use instead
 FOREIGN = {

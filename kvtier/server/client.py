@@ -1,4 +1,4 @@
-"""The kvtier server's client: an ObjectStore for `kvtier://[:token@]host:port` URLs.
+"""The kvtier server's client: an ObjectStore for `kvtier://[:token@]host:port` URLs (kvtiers://: TLS).
 
 Thread-safe: each call borrows one connection from a pool of at most `max_connections` (see
 connection.py), so a request thread and a background writer can use one client at once. `get`
@@ -11,6 +11,7 @@ caller's buffers as they are with one sendmsg. Absent keys are None/False; every
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -57,19 +58,23 @@ class KVTierClient:
         token: str = "",
         options: StoreOptions | None = None,
         socket_buffer: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.options = options or StoreOptions()
-        self.where = f"kvtier://{f'[{host}]' if ':' in host else host}:{port}"
+        self.where = f"{'kvtiers' if tls else 'kvtier'}://{f'[{host}]' if ':' in host else host}:{port}"
         self._address = (host, port)
         self._token = token
         self._socket_buffer = socket_buffer  # bytes of SO_SNDBUF/SO_RCVBUF; 0 = the kernel's autotuning
+        self._tls = tls  # TLS to the server (its certificate checked against `host`); None = plain TCP
         self._pool = Pool(self._connect, self.options.max_connections, self.where)
 
     def __repr__(self) -> str:
         return f"KVTierClient({self.where})"
 
     def _connect(self, deadline: float) -> Connection:
-        return Connection.open(self._address, self._token, self.options.connect_timeout, deadline, self._socket_buffer)
+        return Connection.open(
+            self._address, self._token, self.options.connect_timeout, deadline, self._socket_buffer, self._tls
+        )
 
     def exists(self, keys: Sequence[ChunkKey], timeout: float) -> list[bool]:
         """Which of `keys` the server holds (memory or disk), in one round trip per max_keys keys."""
@@ -96,7 +101,7 @@ class KVTierClient:
             for batch in _batches(keys, conn.limits.max_keys):
                 header, meta = conn.request(Op.GET, KeysMeta([wire_key(k) for k in batch]), (), deadline)
                 sizes = decode_meta(GetReply, meta).sizes
-                _check_sizes(sizes, len(batch), header.body_len)
+                _check_sizes(sizes, len(batch), header.body_len, self.options.max_object)
                 out += [None if size < 0 else conn.read_body(size, deadline) for size in sizes]
         return out
 
@@ -144,8 +149,9 @@ class KVTierClient:
 
 
 def open_store(url: SplitResult, options: StoreOptions) -> KVTierClient:
-    """The client of `kvtier://[:token@]host[:port]`; without a token in the URL, $KVTIER_SERVER_TOKEN."""
-    if url.scheme != "kvtier":
+    """The client of `kvtier[s]://[:token@]host[:port]` (kvtiers: TLS, checked as `options.tls` says);
+    without a token in the URL, $KVTIER_SERVER_TOKEN."""
+    if url.scheme not in ("kvtier", "kvtiers"):
         raise ConfigError(f"not a kvtier:// URL: {url.scheme}://")
     if not url.hostname:
         raise ConfigError("a kvtier:// URL needs a host: kvtier://[:token@]host:port")
@@ -158,7 +164,8 @@ def open_store(url: SplitResult, options: StoreOptions) -> KVTierClient:
     except ValueError as exc:
         raise ConfigError(f"kvtier:// URL: {exc}") from None
     token = unquote(url.password) if url.password else os.environ.get(TOKEN_ENV, "")
-    return KVTierClient(url.hostname, port, token, options)
+    tls = options.tls.context() if url.scheme == "kvtiers" else None
+    return KVTierClient(url.hostname, port, token, options, tls=tls)
 
 
 def _batches(keys: Sequence[ChunkKey], size: int) -> list[Sequence[ChunkKey]]:
@@ -170,15 +177,16 @@ def _check_count(got: int, expected: int) -> None:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"reply has {got} entries for {expected} keys")
 
 
-def _check_sizes(sizes: list[int], expected: int, body_len: int) -> None:
-    """A GET reply must describe exactly its body before the client reads it.
-
-    Sizes have no upper bound here: each object's buffer is allocated uninitialized and only backed
-    by memory as its bytes arrive, so a size costs nothing until the server actually sends it.
-    """
+def _check_sizes(sizes: list[int], expected: int, body_len: int, max_object: int) -> None:
+    """A GET reply must describe exactly its body, in objects of at most `max_object` bytes, before
+    the client allocates anything for it."""
     _check_count(len(sizes), expected)
     if any(size < -1 for size in sizes):
         raise ProtocolError(ErrorCode.BAD_FRAME, "GET reply with a negative object size")
+    if any(size > max_object for size in sizes):
+        raise ProtocolError(
+            ErrorCode.FRAME_TOO_LARGE, f"GET reply with an object of {max(sizes)} bytes; the limit is {max_object}"
+        )
     if sum(size for size in sizes if size > 0) != body_len:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"GET reply sizes do not add up to its body of {body_len} bytes")
 

@@ -9,7 +9,9 @@ received a whole error reply is still in step and goes back to the pool.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -61,20 +63,30 @@ class Connection:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)  # no sendmsg, no MSG_WAITALL, no MSG_PEEK
         self.limits = HelloReply("", 0, False, 0, 0, 1)  # replaced by hello()
         self._ids = count(1)
 
     @classmethod
     def open(
-        cls, address: tuple[str, int], token: str, connect_timeout: float, deadline: float, socket_buffer: int = 0
+        cls,
+        address: tuple[str, int],
+        token: str,
+        connect_timeout: float,
+        deadline: float,
+        socket_buffer: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> Connection:
-        """Connect, set socket options, and say HELLO (with the token)."""
+        """Connect, set socket options, shake hands over TLS if `tls`, and say HELLO (with the token)."""
         sock = socket.create_connection(address, timeout=min(connect_timeout, time_left(deadline)))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if socket_buffer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_buffer)
+            if tls is not None:
+                sock.settimeout(min(connect_timeout, time_left(deadline)))
+                sock = tls.wrap_socket(sock, server_hostname=address[0])  # verifies per the context
             conn = cls(sock)
             conn.hello(token, deadline)
         except BaseException:
@@ -128,7 +140,7 @@ class Connection:
 
     def recv_into(self, view: memoryview, deadline: float) -> None:
         """Fill `view` from the socket."""
-        if view.nbytes >= _WAITALL_MIN:
+        if view.nbytes >= _WAITALL_MIN and not self.tls:
             self._recv_waitall(view, deadline)
             return
         sock, got, size = self.sock, 0, view.nbytes
@@ -162,6 +174,11 @@ class Connection:
 
     def _send(self, buffers: list[memoryview], deadline: float) -> None:
         sock = self.sock
+        if self.tls:  # no sendmsg on an SSLSocket
+            for view in buffers:
+                sock.settimeout(time_left(deadline))
+                sock.sendall(view)
+            return
         while buffers:
             sock.settimeout(time_left(deadline))
             sent = sock.sendmsg(buffers)
@@ -172,6 +189,12 @@ class Connection:
 
     def idle_ok(self) -> bool:
         """Whether an idle connection is still usable: not closed by the server, nothing unexpected to read."""
+        if self.tls:  # no MSG_PEEK: anything readable (bytes, a close) means it is not
+            assert isinstance(self.sock, ssl.SSLSocket)
+            try:
+                return not self.sock.pending() and not select.select([self.sock], [], [], 0)[0]
+            except (OSError, ValueError):
+                return False
         try:
             self.sock.settimeout(0)
             self.sock.recv(1, socket.MSG_PEEK)  # b"": closed by the server; bytes: out of step

@@ -71,14 +71,19 @@ class ServerStats:
 
     connections: int = 0  # gauge: open client connections
     connections_total: int = 0  # connections accepted
-    connections_refused: int = 0  # refused with BUSY (too many)
+    connections_refused: int = 0  # logins refused with BUSY (main pool full, no room to make)
+    connections_evicted: int = 0  # idle connections closed to make room for a less crowded address
+    pending_dropped: int = 0  # connections not logged in, closed to make room for newer ones
+    login_timeouts: int = 0  # connections closed for not logging in within login_timeout
+    uploads_refused: int = 0  # request bodies refused with BUSY: no room in max_inflight_bytes
+    uploads_preempted: int = 0  # uploads cut (BUSY) to give room to an address holding less
     requests: int = 0  # frames handled, including those answered with an error
     hits: int = 0  # GET keys found
     misses: int = 0  # GET keys absent
     puts: int = 0  # objects stored
     invalid_objects: int = 0  # PUTs refused because the object was not valid for its key
     errors: int = 0  # error replies sent (any code)
-    timeouts: int = 0  # connections closed for an idle or slow client
+    timeouts: int = 0  # connections closed for an idle or slow (under min_rate) client
     bytes_in: int = 0  # request bytes received
     bytes_out: int = 0  # reply bytes sent
 

@@ -9,6 +9,7 @@ import logging
 import signal
 
 from kvtier.auth import read_token
+from kvtier.errors import ConfigError
 from kvtier.logutil import setup_logging
 from kvtier.server.client import TOKEN_ENV
 from kvtier.server.config import ServerConfig
@@ -30,9 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default=d.policy, choices=["lru", "lfu", "fifo", "mru"],
                         help=f"eviction policy (default: {d.policy})")  # fmt: skip
     parser.add_argument("--token-file", help=f"file holding the token clients must send (default: ${TOKEN_ENV})")
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (clients use kvtiers://)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert (default: in the cert file)")
     parser.add_argument("--max-frame", default="64MiB", help="largest request accepted (default: 64MiB)")
+    parser.add_argument("--max-inflight", default="256MiB",
+                        help="request bodies held in memory at once, besides --memory (default: 256MiB)")  # fmt: skip
     parser.add_argument("--max-connections", type=int, default=d.max_connections,
-                        help=f"open connections; more are refused (default: {d.max_connections})")  # fmt: skip
+                        help=f"logged-in connections (default: {d.max_connections})")  # fmt: skip
+    parser.add_argument("--max-pending", type=int, default=d.max_pending,
+                        help=f"connections not logged in yet; the oldest is closed for a new one "
+                             f"(default: {d.max_pending}, {d.max_pending_per_address} per address)")  # fmt: skip
+    parser.add_argument("--login-timeout", type=float, default=d.login_timeout,
+                        help=f"seconds a new connection has to log in (default: {d.login_timeout:g})")  # fmt: skip
+    parser.add_argument("--min-rate", default="4MiB",
+                        help="bytes/s below which a frame is cut after 1 s of grace (default: 4MiB)")  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log level (default: info)")  # fmt: skip
 
@@ -44,6 +56,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host, port=args.port, memory=parse_size(args.memory), disk_path=args.disk_path,
         disk_size=parse_size(args.disk_size), policy=args.policy, token=token,
         max_frame=parse_size(args.max_frame), max_connections=args.max_connections,
+        max_inflight_bytes=parse_size(args.max_inflight), max_pending=args.max_pending,
+        login_timeout=args.login_timeout, min_rate=parse_size(args.min_rate),
+        tls_cert=args.tls_cert, tls_key=args.tls_key,
     )  # fmt: skip
 
 
@@ -57,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:  # a non-loopback bind without a token, an unreadable certificate
+        log.error("cannot start: %s", exc)
+        return 2
     except (OSError, ValueError) as exc:  # port in use, unwritable disk path
         log.error("cannot start: %s", exc)
         return 1
@@ -73,7 +91,11 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, functools.partial(_on_signal, sig, stop))
     disk = f"disk {config.disk_path} ({format_size(config.disk_size)})" if config.disk_path else "no disk"
     auth = "token required" if config.token else "no auth"
-    log.info("listening on %s:%d (memory %s, %s, %s)", host, port, format_size(config.memory), disk, auth)
+    tls = "TLS" if server.tls else "plain TCP"
+    log.info(
+        "listening on %s:%d (%s, memory %s, %s, %s, at most %s of requests in flight)",
+        host, port, tls, format_size(config.memory), disk, auth, format_size(config.max_inflight_bytes),
+    )  # fmt: skip
     await stop.wait()
     await server.shutdown(GRACE_SECONDS)
 

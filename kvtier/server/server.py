@@ -2,8 +2,11 @@
 
 One task per connection reads a frame, has `Handlers` answer it, and sends the reply; bulk bytes are
 received with `sock_recv_into` into the buffer that will be stored and sent from views of the stored
-bytes, so the event loop copies nothing. A reaper task closes connections that idle too long or
-trickle a frame (slowloris) or a reply too slowly. Garbage from one client costs that client its
+bytes, so the event loop copies nothing (stream.py; with TLS, decrypted into that buffer).
+admission.py decides who gets a connection and how much request memory each may hold. A reaper
+task closes connections past their phase's deadline: not logged in within `login_timeout`, idle
+longer than `idle_timeout`, or moving a frame slower than `min_rate` (after a second of grace,
+and never longer than `io_timeout`): slowloris. Garbage from one client costs that client its
 connection, never anyone else's data. `shutdown()` stops accepting, closes idle connections, lets
 requests in flight finish (up to a grace period) and closes the rest.
 """
@@ -11,17 +14,16 @@ requests in flight finish (up to a grace period) and closes the rest.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
 import logging
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
+from kvtier.auth import check_bind
 from kvtier.logutil import BurstLog
+from kvtier.server.admission import Connections, InflightBytes, Phase, Session, configure_socket, host_of
 from kvtier.server.config import ServerConfig
 from kvtier.server.handlers import Frame, Handlers, Reply, ServerStats
 from kvtier.server.protocol import (
@@ -36,38 +38,12 @@ from kvtier.server.protocol import (
     unpack_header,
 )
 from kvtier.server.store import ObjectCache
+from kvtier.server.stream import Stream, TLSStream
+from kvtier.tls import server_context
 
 log = logging.getLogger("kvtier.server")
-
-
-class Phase(enum.Enum):
-    IDLE = "idle"  # waiting for the first byte of a frame (idle_timeout applies)
-    RECEIVING = "receiving"  # inside a frame (io_timeout applies)
-    HANDLING = "handling"  # our own work: no client deadline
-    SENDING = "sending"  # writing a reply (io_timeout applies)
-
-
-@dataclass(eq=False, slots=True)
-class Session:
-    """One client connection, as the server sees it, and where it is in its current request."""
-
-    sock: socket.socket
-    peer: str
-    authenticated: bool
-    phase: Phase = Phase.IDLE
-    since: float = 0.0  # loop time the phase began
-    task: asyncio.Task[None] | None = None
-    closing: bool = False  # the server cancelled the task
-    cancel_code: ErrorCode | None = None  # the last error reply to send then (None: close quietly)
-
-    def enter(self, phase: Phase, now: float) -> None:
-        self.phase, self.since = phase, now
-
-    def cancel(self, code: ErrorCode | None) -> None:
-        """Stop serving this connection; `code` is sent as a last error reply when not None."""
-        if self.task is not None and not self.task.done() and not self.closing:
-            self.closing, self.cancel_code = True, code
-            self.task.cancel()
+_GRACE = 1.0  # seconds every frame (or reply) gets besides its size at min_rate
+_TOKEN_OPTION = "--token-file or $KVTIER_SERVER_TOKEN"
 
 
 class KVServer:
@@ -75,14 +51,15 @@ class KVServer:
 
     def __init__(self, config: ServerConfig, cache: ObjectCache | None = None) -> None:
         self.config = config
+        self._tls = server_context(config.tls_cert, config.tls_key, "tls_cert") if config.tls_cert else None
         self.cache = cache or ObjectCache(
             config.memory, config.disk_path, config.disk_size, config.policy, config.fsync
         )
         self.stats = ServerStats()
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="kvtier-server")
         self._handlers = Handlers(config, self.cache, self._executor, self.stats)
-        self._conns: set[Session] = set()
-        self._inflight = asyncio.Semaphore(config.max_inflight)
+        self._conns = Connections(config, self.stats)
+        self._inflight = InflightBytes(config, self.stats)
         self._burst = BurstLog(log)
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -93,15 +70,21 @@ class KVServer:
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
-        """Bind and start accepting; the bound (host, port)."""
+        """Bind and start accepting; the bound (host, port). ConfigError beyond loopback without a token."""
+        check_bind(self.config.name, self.config.host, self.config.token, _TOKEN_OPTION)
         family = socket.getaddrinfo(self.config.host, self.config.port, type=socket.SOCK_STREAM)[0][0]
-        listener = socket.create_server((self.config.host, self.config.port), family=family, backlog=512)
+        listener = socket.create_server((self.config.host, self.config.port), family=family, backlog=1024)
         listener.setblocking(False)
         self._listener = listener
         self.address = listener.getsockname()[:2]
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._accept_loop(listener)), loop.create_task(self._reap_loop())]
         return self.address
+
+    @property
+    def tls(self) -> bool:
+        """Whether it serves TLS."""
+        return self._tls is not None
 
     async def wait_stopped(self) -> None:
         """Return once shutdown() has finished."""
@@ -118,13 +101,13 @@ class KVServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._listener is not None:
             self._listener.close()  # after the accept task let go of it
-        for conn in list(self._conns):
+        for conn in self._conns.all():
             if conn.phase is Phase.IDLE:
                 conn.cancel(None)
-        tasks = [c.task for c in self._conns if c.task is not None]
+        tasks = [c.task for c in self._conns.all() if c.task is not None]
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=grace)
-            for conn in list(self._conns):
+            for conn in self._conns.all():
                 conn.cancel(ErrorCode.SHUTTING_DOWN)
             await asyncio.gather(*late, return_exceptions=True)
         self._executor.shutdown(wait=True)
@@ -143,68 +126,69 @@ class KVServer:
                 self._burst.warning("accept", "accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            self._configure(sock)
-            if len(self._conns) >= self.config.max_connections:
-                self.stats.connections_refused += 1
-                _send_now(sock, _error_frame(0, ErrorCode.BUSY, "too many connections"))
-                sock.close()
-                continue
-            conn = Session(sock, _peer(addr), authenticated=not self.config.token, since=loop.time())
-            self._conns.add(conn)
+            configure_socket(sock, self.config.socket_buffer)
+            host, peer = host_of(addr)
+            stream = Stream(sock) if self._tls is None else TLSStream(sock, self._tls)
+            now = loop.time()
+            conn = Session(stream, host, peer, now + self.config.login_timeout, not self.config.token)
+            conn.enter(Phase.RECEIVING if self._tls else Phase.IDLE, conn.login_deadline)
+            self._conns.add_pending(conn)
             self.stats.connections += 1
             self.stats.connections_total += 1
             conn.task = loop.create_task(self._serve(conn))
 
-    def _configure(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.config.socket_buffer:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_buffer)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.socket_buffer)
-
     async def _reap_loop(self) -> None:
-        """Close connections idle longer than idle_timeout, or stuck in a frame longer than io_timeout."""
+        """Close connections past their phase's deadline (see the module docstring)."""
         loop = asyncio.get_running_loop()
-        tick = min(1.0, max(0.02, min(self.config.idle_timeout, self.config.io_timeout) / 4))
+        c = self.config
+        tick = min(0.25, max(0.02, min(c.idle_timeout, c.io_timeout, c.login_timeout) / 4))
         while True:
             await asyncio.sleep(tick)
             now = loop.time()
-            for conn in list(self._conns):
-                if conn.phase is Phase.IDLE and now - conn.since > self.config.idle_timeout:
-                    conn.cancel(None)
-                elif conn.phase in (Phase.RECEIVING, Phase.SENDING) and now - conn.since > self.config.io_timeout:
-                    conn.cancel(ErrorCode.TIMEOUT if conn.phase is Phase.RECEIVING else None)
-                else:
+            for conn in self._conns.all():
+                if now <= conn.deadline or conn.closing:
                     continue
-                self.stats.timeouts += 1
+                if not conn.admitted:
+                    self.stats.login_timeouts += 1
+                    conn.cancel(None)
+                else:
+                    self.stats.timeouts += 1
+                    conn.cancel(ErrorCode.TIMEOUT if conn.phase is Phase.RECEIVING else None)
                 log.debug("%s: %s too long, closing", conn.peer, conn.phase.value)
+
+    def _rate_deadline(self, size: int) -> float:
+        """When moving `size` bytes, begun now, must be done: a second plus size at min_rate, within io_timeout."""
+        now = asyncio.get_running_loop().time()
+        return now + min(self.config.io_timeout, _GRACE + size / self.config.min_rate)
 
     # --- one connection --------------------------------------------------------------------------
 
     async def _serve(self, conn: Session) -> None:
         log.debug("%s: connected", conn.peer)
         try:
+            await conn.stream.start()
             await self._serve_frames(conn)
         except asyncio.CancelledError:
             if not conn.closing:
                 raise  # cancelled by someone else than this server
             if conn.cancel_code is not None:
-                _send_now(conn.sock, _error_frame(0, conn.cancel_code, f"closing: {conn.cancel_code.name}"))
-        except OSError as exc:
+                conn.stream.send_now(_error_frame(0, conn.cancel_code, f"closing: {conn.cancel_code.name}"))
+        except OSError as exc:  # resets, and TLS errors (ssl.SSLError)
             log.debug("%s: %s", conn.peer, exc)
         except Exception:  # a bug must cost one connection, not the server
             log.exception("%s: connection failed", conn.peer)
         finally:
-            conn.sock.close()
-            self._conns.discard(conn)
+            self._inflight.release(conn)
+            conn.stream.close()
+            self._conns.remove(conn)
             self.stats.connections -= 1
             log.debug("%s: closed", conn.peer)
 
     async def _serve_frames(self, conn: Session) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            conn.enter(Phase.IDLE, loop.time())
+            idle = loop.time() + self.config.idle_timeout
+            conn.enter(Phase.IDLE, idle)
             request_id = 0
             try:
                 head = await self._read_head(conn)
@@ -215,39 +199,44 @@ class KVServer:
                 reply = await self._request(conn, header)
             except ProtocolError as exc:
                 reply = self._error(conn, request_id, exc)
-            conn.enter(Phase.SENDING, loop.time())
+            conn.enter(Phase.SENDING, self._rate_deadline(len(reply.meta) + sum(v.nbytes for v in reply.body)))
             await self._send(conn, request_id, reply)
             if reply.close:
                 return
 
     async def _read_head(self, conn: Session) -> bytearray | None:
         """The next frame's header bytes; None when the client closed the connection between frames."""
-        loop = asyncio.get_running_loop()
         head = bytearray(HEADER_SIZE)
-        n = await loop.sock_recv_into(conn.sock, head)
+        n = await conn.stream.recv_into(memoryview(head))
         if n == 0:
             return None
-        conn.enter(Phase.RECEIVING, loop.time())
-        await _recv_exactly(conn.sock, memoryview(head)[n:], n, HEADER_SIZE)
+        conn.enter(Phase.RECEIVING, self._rate_deadline(HEADER_SIZE))
+        await _recv_exactly(conn, memoryview(head)[n:], n, HEADER_SIZE)
         return head
 
     async def _request(self, conn: Session, header: FrameHeader) -> Reply:
         """Read the rest of the frame after `header`, check it and answer it."""
         self._check_frame(conn, header)
+        if conn.authenticated and not self._conns.admit(conn):  # no token: the first frame logs in
+            raise ProtocolError(ErrorCode.BUSY, "too many connections")
         self.stats.requests += 1
         meta = bytearray(header.meta_len)
-        await _recv_exactly(conn.sock, memoryview(meta), HEADER_SIZE, HEADER_SIZE + len(meta))
+        conn.enter(Phase.RECEIVING, self._rate_deadline(len(meta)))
+        await _recv_exactly(conn, memoryview(meta), HEADER_SIZE, HEADER_SIZE + len(meta))
         if not header.body_len:
             return await self._handle(conn, Frame(header, meta, memoryview(b"")))
-        conn.enter(Phase.HANDLING, asyncio.get_running_loop().time())  # waiting for a slot is not the client's fault
-        async with self._inflight:  # bounds the memory of bodies being received and checked
-            conn.enter(Phase.RECEIVING, asyncio.get_running_loop().time())
+        conn.enter(Phase.HANDLING, float("inf"))  # waiting for room in flight is not the client's fault
+        await self._inflight.acquire(conn, header.body_len)
+        try:
+            conn.enter(Phase.RECEIVING, self._rate_deadline(header.body_len))
             body = np.empty(header.body_len, dtype=np.uint8).data  # not zero-filled: recv writes it once
-            await _recv_exactly(conn.sock, body, 0, len(body))
+            await _recv_exactly(conn, body, 0, len(body))
             return await self._handle(conn, Frame(header, meta, body))
+        finally:
+            self._inflight.release(conn)
 
     async def _handle(self, conn: Session, frame: Frame) -> Reply:
-        conn.enter(Phase.HANDLING, asyncio.get_running_loop().time())
+        conn.enter(Phase.HANDLING, float("inf"))
         self.stats.bytes_in += HEADER_SIZE + len(frame.meta) + len(frame.body)
         try:
             reply = await self._handlers.handle(frame)
@@ -256,8 +245,10 @@ class KVServer:
         except Exception as exc:  # a bug must cost one request, not the server
             log.exception("%s: request %s failed", conn.peer, frame.header.op)
             raise ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
-        if frame.header.op == Op.HELLO:
+        if frame.header.op == Op.HELLO and not conn.authenticated:
             conn.authenticated = True
+            if not self._conns.admit(conn):
+                raise ProtocolError(ErrorCode.BUSY, "too many connections")
         return reply
 
     def _check_frame(self, conn: Session, header: FrameHeader) -> None:
@@ -273,27 +264,25 @@ class KVServer:
 
     def _error(self, conn: Session, request_id: int, exc: ProtocolError) -> Reply:
         self.stats.errors += 1
-        if exc.code is ErrorCode.INVALID_OBJECT or exc.code is ErrorCode.NO_SPACE:
+        if exc.code in (ErrorCode.INVALID_OBJECT, ErrorCode.NO_SPACE, ErrorCode.BUSY):
             log.debug("%s: %s", conn.peer, exc)
         else:
             self._burst.warning(exc.code.name, "%s: %s%s", conn.peer, exc, " (closing)" if exc.closes else "")
         return Reply(Op.ERROR, encode_meta(ErrorReply(exc.code, exc.message)), close=exc.closes)
 
     async def _send(self, conn: Session, request_id: int, reply: Reply) -> None:
-        loop = asyncio.get_running_loop()
         body_len = sum(view.nbytes for view in reply.body)
-        await loop.sock_sendall(conn.sock, pack_header(reply.op, request_id, len(reply.meta), body_len) + reply.meta)
+        await conn.stream.sendall(pack_header(reply.op, request_id, len(reply.meta), body_len) + reply.meta)
         for view in reply.body:
-            await loop.sock_sendall(conn.sock, view)
+            await conn.stream.sendall(view)
         self.stats.bytes_out += HEADER_SIZE + len(reply.meta) + body_len
 
 
-async def _recv_exactly(sock: socket.socket, view: memoryview, done: int, total: int) -> None:
+async def _recv_exactly(conn: Session, view: memoryview, done: int, total: int) -> None:
     """Fill `view` (the bytes after `done` of `total` in a frame); ProtocolError if the client closes first."""
-    loop = asyncio.get_running_loop()
     got = 0
     while got < len(view):
-        n = await loop.sock_recv_into(sock, view[got:])
+        n = await conn.stream.recv_into(view[got:])
         if n == 0:
             raise ProtocolError(
                 ErrorCode.BAD_FRAME, f"connection closed mid-frame, after {done + got} of {total} bytes"
@@ -304,18 +293,6 @@ async def _recv_exactly(sock: socket.socket, view: memoryview, done: int, total:
 def _error_frame(request_id: int, code: ErrorCode, message: str) -> bytes:
     meta = encode_meta(ErrorReply(code, message))
     return pack_header(Op.ERROR, request_id, len(meta), 0) + meta
-
-
-def _send_now(sock: socket.socket, data: bytes) -> None:
-    """Best effort, without waiting: a last word before closing."""
-    with contextlib.suppress(OSError):  # the client is gone or not reading: the closed connection tells it
-        sock.send(data)
-
-
-def _peer(addr: object) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return f"{addr[0]}:{addr[1]}"
-    return str(addr)
 
 
 class ServerThread:
@@ -346,9 +323,10 @@ class ServerThread:
 
     @property
     def url(self) -> str:
-        """kvtier://host:port (without the token)."""
+        """kvtier://host:port, or kvtiers:// with TLS (without the token)."""
         host, port = self.address
-        return f"kvtier://{f'[{host}]' if ':' in host else host}:{port}"
+        scheme = "kvtiers" if self.config.tls_cert else "kvtier"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)

@@ -250,7 +250,8 @@ def test_connections_beyond_the_limit_are_refused(start_server, make_client):
     other = RawClient(server.address)
     other.send(HEALTH)
     assert other.reply()[0] == Op.HEALTH | 0x80
-    refused = RawClient(server.address)
+    refused = RawClient(server.address)  # let in, pending; refused when it logs in (its first frame)
+    refused.send(HEALTH)
     assert error_code(refused.reply()) == ErrorCode.BUSY and refused.closed()
     other.close()
     time.sleep(0.1)

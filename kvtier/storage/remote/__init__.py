@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from kvtier.errors import ConfigError
+from kvtier.tls import ClientTLS
 from kvtier.urls import backend_of, parse_url
 
 if TYPE_CHECKING:
@@ -20,8 +21,10 @@ if TYPE_CHECKING:
     from kvtier.storage.remote.tier import RemoteTier
 
 
-def open_store(url: str, connect_timeout: float = 0.5, max_connections: int = 8) -> ObjectStore:
-    """The ObjectStore of the backend that `url`'s scheme selects."""
+def open_store(
+    url: str, connect_timeout: float = 0.5, max_connections: int = 8, tls: ClientTLS | None = None
+) -> ObjectStore:
+    """The ObjectStore of the backend that `url`'s scheme selects (`tls`: how kvtiers:// checks its server)."""
     from kvtier.storage.remote.store import StoreFactory, StoreOptions
 
     parts = parse_url(url)
@@ -33,14 +36,16 @@ def open_store(url: str, connect_timeout: float = 0.5, max_connections: int = 8)
             f"remote.url: the {parts.scheme}:// backend needs a package that is not installed ({exc.name}); "
             "install kvtier[remote]"
         ) from exc
-    return factory(parts, StoreOptions(connect_timeout, max_connections))
+    return factory(parts, StoreOptions(connect_timeout, max_connections, tls=tls or ClientTLS()))
 
 
-def open_remote(config: RemoteConfig, layout: KVLayout, codec: Codec, engine_codec: str) -> RemoteTier:
-    """The RemoteTier that `config` describes (config.url must be set)."""
+def open_remote(
+    config: RemoteConfig, layout: KVLayout, codec: Codec, engine_codec: str, tls: ClientTLS | None = None
+) -> RemoteTier:
+    """The RemoteTier that `config` describes (config.url must be set; `tls` from Config.tls)."""
     from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
 
     if not config.url:
         raise ConfigError("remote.url is not set")
-    store = open_store(config.url, config.connect_timeout_ms / 1e3, config.max_connections)
+    store = open_store(config.url, config.connect_timeout_ms / 1e3, config.max_connections, tls)
     return RemoteTier(store, layout, codec, RemoteOptions.from_config(config), engine_codec=engine_codec)

@@ -1,0 +1,216 @@
+"""Who gets a connection, and how much request memory each may hold: the server's admission control.
+
+Connections. A new connection is *pending* until it logs in: a successful HELLO, or, on a server
+without a token, its first frame. Pending connections live in their own small pool beside the main
+limit (`max_pending`), at most `max_pending_per_address` from one client address, and each has
+`login_timeout` seconds to log in. When the pool or an address's share is full, the oldest pending
+connection is closed to make room, so sockets that never speak cannot lock anyone out: a client that
+logs in at once always gets through. A connection that logs in joins the main pool
+(`max_connections`); when that is full, an idle connection of the address holding the most
+connections makes room for an address holding fewer, so no address can crowd out the others.
+
+Bytes in flight. A request body is received into memory, where it stays until the request is
+handled (a PUT's body becomes the stored object). Bodies being received or handled together hold at
+most `max_inflight_bytes`, reserved by their declared size before the first byte is received. An
+upload that does not fit waits up to `inflight_wait` seconds, then gets BUSY. While it waits, the
+address holding the most bytes in flight, if it holds more than the waiter's address would with the
+new upload, loses its largest upload still being received (BUSY, connection closed): a few clients
+sending slowly cannot hold the whole reservation. With the rate floor of `min_rate` (server.py),
+no upload holds memory for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import socket
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvtier.server.protocol import ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from kvtier.server.config import ServerConfig
+    from kvtier.server.handlers import ServerStats
+    from kvtier.server.stream import Stream
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # waiting for the first byte of a frame (idle or login timeout applies)
+    RECEIVING = "receiving"  # inside a frame, or the TLS handshake (rate deadline applies)
+    HANDLING = "handling"  # our own work, or waiting for room in flight: no client deadline
+    SENDING = "sending"  # writing a reply (rate deadline applies)
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """One client connection, as the server sees it, and where it is in its current request."""
+
+    stream: Stream
+    host: str  # the client's address, without its port (per-address limits)
+    peer: str  # host:port, for logs
+    login_deadline: float  # loop time by which it must log in
+    authenticated: bool = False  # sent the right token (or the server has none)
+    admitted: bool = False  # logged in: counted in the main pool
+    phase: Phase = Phase.IDLE
+    deadline: float = float("inf")  # loop time by which the current phase must end
+    task: asyncio.Task[None] | None = None
+    closing: bool = False  # the server cancelled the task
+    cancel_code: ErrorCode | None = None  # the last error reply to send then (None: close quietly)
+
+    def enter(self, phase: Phase, deadline: float) -> None:
+        self.phase, self.deadline = phase, deadline if self.admitted else min(deadline, self.login_deadline)
+
+    def cancel(self, code: ErrorCode | None) -> None:
+        """Stop serving this connection; `code` is sent as a last error reply when not None."""
+        if self.task is not None and not self.task.done() and not self.closing:
+            self.closing, self.cancel_code = True, code
+            self.task.cancel()
+
+
+def host_of(addr: object) -> tuple[str, str]:
+    """(host, "host:port") of an accepted socket's address."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[0]), f"{addr[0]}:{addr[1]}"
+    return str(addr), str(addr)
+
+
+class Connections:
+    """The pending pool and the main pool, with their per-address counts."""
+
+    def __init__(self, config: ServerConfig, stats: ServerStats) -> None:
+        self.config = config
+        self.stats = stats
+        self.pending: dict[Session, None] = {}  # insertion order: oldest first
+        self.main: set[Session] = set()
+        self._per_host: Counter[str] = Counter()  # main-pool connections per address
+
+    def __len__(self) -> int:
+        return len(self.pending) + len(self.main)
+
+    def all(self) -> list[Session]:
+        return [*self.pending, *self.main]
+
+    def add_pending(self, conn: Session) -> None:
+        """Take a new connection in, closing the oldest pending one of its address or of all if full."""
+        same = [c for c in self.pending if c.host == conn.host]
+        if len(same) >= self.config.max_pending_per_address:
+            self._drop(same[0])
+        elif len(self.pending) >= self.config.max_pending:
+            self._drop(next(iter(self.pending)))
+        self.pending[conn] = None
+
+    def _drop(self, conn: Session) -> None:
+        del self.pending[conn]
+        self.stats.pending_dropped += 1
+        conn.cancel(None)
+
+    def admit(self, conn: Session) -> bool:
+        """Move a connection that just logged in to the main pool; False if it must get BUSY."""
+        self.pending.pop(conn, None)
+        if conn.admitted:
+            return True
+        if len(self.main) >= self.config.max_connections and not self._make_room(conn.host):
+            self.stats.connections_refused += 1
+            return False
+        conn.admitted = True
+        self.main.add(conn)
+        self._per_host[conn.host] += 1
+        return True
+
+    def _make_room(self, host: str) -> bool:
+        """Close an idle connection of the address holding the most, if it holds more than `host` would."""
+        top, most = self._per_host.most_common(1)[0]
+        if most <= self._per_host[host] + 1:
+            return False
+        victim = next((c for c in self.main if c.host == top and c.phase is Phase.IDLE), None)
+        if victim is None:
+            return False
+        self.remove(victim)
+        self.stats.connections_evicted += 1
+        victim.cancel(None)
+        return True
+
+    def remove(self, conn: Session) -> None:
+        """Forget a connection (idempotent)."""
+        self.pending.pop(conn, None)
+        if conn in self.main:
+            self.main.discard(conn)
+            self._per_host[conn.host] -= 1
+            if not self._per_host[conn.host]:
+                del self._per_host[conn.host]
+
+
+class InflightBytes:
+    """The reservation of request bodies in memory, shared fairly among client addresses."""
+
+    def __init__(self, config: ServerConfig, stats: ServerStats) -> None:
+        self.limit = config.max_inflight_bytes
+        self.wait = config.inflight_wait
+        self.stats = stats
+        self.used = 0
+        self._held: dict[Session, int] = {}
+        self._per_host: Counter[str] = Counter()
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def acquire(self, conn: Session, size: int) -> None:
+        """Reserve `size` bytes for `conn`'s body; ProtocolError(BUSY) if no room within `wait` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait
+        while self.used + size > self.limit:
+            self._preempt(conn.host, size)
+            left = deadline - loop.time()
+            if left <= 0:
+                self.stats.uploads_refused += 1
+                raise ProtocolError(
+                    ErrorCode.BUSY, f"{self.used} of {self.limit} bytes in flight; no room for {size} more"
+                )
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            with contextlib.suppress(TimeoutError):  # then the loop decides: room now, or BUSY
+                await asyncio.wait_for(waiter, left)
+        self.used += size
+        self._held[conn] = size
+        self._per_host[conn.host] += size
+
+    def release(self, conn: Session) -> None:
+        """Give back `conn`'s reservation (idempotent) and wake the uploads waiting for room."""
+        size = self._held.pop(conn, 0)
+        if not size:
+            return
+        self.used -= size
+        self._per_host[conn.host] -= size
+        if not self._per_host[conn.host]:
+            del self._per_host[conn.host]
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _preempt(self, host: str, size: int) -> None:
+        """Cancel the largest upload being received by the address holding the most, if it holds more
+        than `host` would with `size` more."""
+        if not self._per_host:
+            return
+        top, most = self._per_host.most_common(1)[0]
+        if top == host or most <= self._per_host[host] + size:
+            return
+        receiving = [(n, c) for c, n in self._held.items() if c.host == top and c.phase is Phase.RECEIVING]
+        if not receiving:
+            return
+        _, victim = max(receiving, key=lambda item: item[0])
+        if not victim.closing:
+            self.stats.uploads_preempted += 1
+            victim.cancel(ErrorCode.BUSY)
+
+
+def configure_socket(sock: socket.socket, buffer: int) -> None:
+    """Non-blocking, no Nagle delay, and the configured socket buffers (0: the kernel's autotuning)."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
