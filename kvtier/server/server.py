@@ -14,6 +14,7 @@ requests in flight finish (up to a grace period) and closes the rest.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import threading
@@ -136,6 +137,7 @@ class KVServer:
             self.stats.connections += 1
             self.stats.connections_total += 1
             conn.task = loop.create_task(self._serve(conn))
+            conn.task.add_done_callback(functools.partial(self._closed, conn))  # even if cancelled unstarted
 
     async def _reap_loop(self) -> None:
         """Close connections past their phase's deadline (see the module docstring)."""
@@ -177,12 +179,14 @@ class KVServer:
             log.debug("%s: %s", conn.peer, exc)
         except Exception:  # a bug must cost one connection, not the server
             log.exception("%s: connection failed", conn.peer)
-        finally:
-            self._inflight.release(conn)
-            conn.stream.close()
-            self._conns.remove(conn)
-            self.stats.connections -= 1
-            log.debug("%s: closed", conn.peer)
+
+    def _closed(self, conn: Session, task: asyncio.Task[None]) -> None:
+        """Forget a connection whose task ended (however it ended)."""
+        self._inflight.release(conn)
+        conn.stream.close()
+        self._conns.remove(conn)
+        self.stats.connections -= 1
+        log.debug("%s: closed", conn.peer)
 
     async def _serve_frames(self, conn: Session) -> None:
         loop = asyncio.get_running_loop()

@@ -52,8 +52,9 @@ class RawClient:
 
     opened: ClassVar[list[socket.socket]] = []
 
-    def __init__(self, address: tuple[str, int], timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
+    def __init__(self, address: tuple[str, int], timeout: float = 5.0, source: str | None = None) -> None:
+        """Connect to `address`, from the loopback address `source` (127.0.0.2 ...) if given."""
+        self.sock = socket.create_connection(address, timeout=timeout, source_address=(source, 0) if source else None)
         self.opened.append(self.sock)
 
     def send(self, data: bytes) -> None:
