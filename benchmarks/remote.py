@@ -1,15 +1,16 @@
 """Remote tiers against their raw clients: put/get throughput of 5.9 MB chunks, 32-chunk lookup latency.
 
 Each remote runs on loopback, started by this script (redis-server, a 3-master Redis Cluster, a master
-+ replica + sentinel, moto's S3 server, `kvtier server`, a directory for fs://). For each, kvtier's
++ replica + sentinel, moto's S3 server, `kvtier server`, `kvtier server` with TLS for kvtiers:// with a
+certificate made here, a directory for fs://). For each, kvtier's
 RemoteTier (framing, checksums, breaker) is timed against the raw client moving the same framed bytes
 with the same batching, alternately in the same run: redis-py (SET, pipelined GETs of 8, pipelined
 EXISTS; RedisCluster's pipeline for the cluster, Sentinel.master_for for sentinel), boto3 (put_object,
 8 concurrent get_object, concurrent head_object), plain file writes and reads, and kvtier's own
-client without the tier.
+client without the tier (over TLS for kvtiers://; its row against plain kvtier:// is the cost of TLS).
 Targets: kvtier >= 0.8x the raw client; kvtier server GET >= redis-server GET; lookup in one round trip.
 
-    python -m benchmarks.remote [--chunks 32] [--repeat 5] [--only redis,redis+cluster,kvtier]
+    python -m benchmarks.remote [--chunks 32] [--repeat 5] [--only redis,redis+cluster,kvtier,kvtiers]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +36,11 @@ from kvtier.keys import ChunkKey
 from kvtier.storage.remote import open_store
 from kvtier.storage.remote.store import object_name
 from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
+from kvtier.tls import ClientTLS
 from tests.remote.redis_groups import SERVICE, RedisClusterGroup, RedisSentinelGroup
-from tests.remote.servers import BUCKET, Server, kvtier_server, redis_server, s3_server, s3_url
+from tests.remote.servers import BUCKET, Server, ServerProcess, kvtier_server, redis_server, s3_server, s3_url
 
+TLS: dict[str, ClientTLS] = {}  # URL -> how to check its server (kvtiers://, trusting the CA made here)
 LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16)
 CHUNK = 256
 BATCH = RemoteOptions().get_batch
@@ -149,7 +153,7 @@ def raw_fs(root: str) -> RawClient:
 
 def raw_kvtier(url: str) -> RawClient:
     """kvtier's own client without the tier (no framing, no checksum pass, no breaker)."""
-    store = open_store(url)
+    store = open_store(url, tls=TLS.get(url))
     return RawClient(
         lambda name, blob: store.put(_key(name), [blob], 30.0),
         lambda names: store.get([_key(n) for n in names], 30.0),
@@ -159,7 +163,8 @@ def raw_kvtier(url: str) -> RawClient:
 
 
 def measure(name: str, url: str, raw: RawClient, chunks: list[torch.Tensor], repeat: int) -> dict[str, float]:
-    tier = RemoteTier(open_store(url), LAYOUT, RawCodec(), RemoteOptions(lookup_timeout=30.0, timeout=60.0))
+    options = RemoteOptions(lookup_timeout=30.0, timeout=60.0)
+    tier = RemoteTier(open_store(url, tls=TLS.get(url)), LAYOUT, RawCodec(), options)
     ns = os.urandom(16)
     keys = [ChunkKey(ns, i.to_bytes(16, "little")) for i in range(len(chunks))]
     names = [object_name(k) for k in keys]  # the raw client moves the very same objects
@@ -187,7 +192,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=32, help="chunks per measurement (default 32 = 189 MB)")
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
-    parser.add_argument("--only", default="redis,redis+cluster,redis+sentinel,s3,fs,kvtier",
+    parser.add_argument("--only", default="redis,redis+cluster,redis+sentinel,s3,fs,kvtier,kvtiers",
                         help="comma-separated remotes to measure")  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -219,6 +224,8 @@ def _remote(kind: str, root: str, started: list[Server]) -> tuple[str, RawClient
         group = RedisSentinelGroup().start()
         started.append(group)
         return group.url, raw_redis_sentinel(group.sentinel.port, SERVICE)
+    if kind == "kvtiers":
+        return _tls_server(root, started)
     server = {"redis": redis_server, "s3": s3_server, "kvtier": kvtier_server}[kind]().start()
     started.append(server)
     if kind == "redis":
@@ -226,6 +233,33 @@ def _remote(kind: str, root: str, started: list[Server]) -> tuple[str, RawClient
     if kind == "s3":
         return s3_url(server, "bench"), raw_s3(server.port, "bench")
     url = f"kvtier://127.0.0.1:{server.port}"
+    return url, raw_kvtier(url)
+
+
+def _tls_server(root: str, started: list[Server]) -> tuple[str, RawClient]:
+    """`kvtier server --tls-cert` with a certificate for 127.0.0.1 made here, and its kvtiers:// URL."""
+    from pathlib import Path
+
+    from tests.certs import make_certs
+
+    certs = make_certs(Path(root) / "certs")
+    tls = ClientTLS(ca=certs.ca)
+
+    def ready(port: int) -> bool:
+        store = open_store(f"kvtiers://127.0.0.1:{port}", tls=tls)
+        try:
+            return bool(store.health(1.0))  # type: ignore[attr-defined]
+        except Exception:  # not up yet: any failure means "try again"
+            return False
+        finally:
+            store.close()
+
+    argv = lambda port: [sys.executable, "-m", "kvtier.cli", "server", "--port", str(port),  # noqa: E731
+                         "--tls-cert", certs.cert, "--tls-key", certs.key]  # fmt: skip
+    server = ServerProcess(argv, ready, "kvtier server (TLS)").start()
+    started.append(server)
+    url = f"kvtiers://127.0.0.1:{server.port}"
+    TLS[url] = tls
     return url, raw_kvtier(url)
 
 
