@@ -2,27 +2,33 @@
 
 Instances send event batches and snapshots as msgpack (keys are raw bytes); everything else is
 JSON. Every handler is `async` and runs on the event loop thread, so the state needs no lock.
-A request body over `max_body` is refused (413); with a token, every request but /health must
-carry `Authorization: Bearer <token>` (401).
+A request body over `max_body` is refused (413); with a token, every request but /health and the
+dashboard page must carry `Authorization: Bearer <token>` (401). Without a token the app refuses to
+be built for a host beyond loopback (auth.check_bind). Malformed input is a 4xx with the reason.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations, and `Request`
 # is imported inside create_app (fastapi is optional), where only evaluated annotations can see it.
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from kvtier.auth import check_bind
 from kvtier.cluster import forward
 from kvtier.cluster.events import TIER_NAMES
 from kvtier.cluster.state import ControllerState, Instance, Registration
+from kvtier.errors import ConfigError
+from kvtier.tls import client_context
 from kvtier.units import MiB
 
 log = logging.getLogger("kvtier.cluster.app")
 TOKEN_ENV = "KVTIER_CONTROLLER_TOKEN"  # the shared secret of the controller and its instances
+TOKEN_OPTION = f"--token-file or ${TOKEN_ENV}"  # how a controller is given its token (in errors)
 MSGPACK = "application/msgpack"
 OPEN_PATHS = ("/health", "/")  # no token needed: a probe, and the dashboard page (it holds no data)
 
@@ -37,10 +43,16 @@ class ControllerConfig:
     max_body: int = 256 * MiB  # bytes: largest request body (a snapshot of ~8M chunks)
     max_lookup: int = 1 << 20  # tokens or hashes in one lookup
     token: str = field(default="", repr=False)  # bearer token every request must carry; "" = no auth
+    tls_cert: str | None = None  # PEM certificate chain to serve HTTPS with; None = plain HTTP
+    tls_key: str | None = None  # PEM private key of tls_cert; None = in the cert file
+    tls_ca: str | None = None  # PEM CA bundle to check https:// admin APIs with; None = the system's
+    tls_verify: bool = True  # check the admin APIs' certificates and host names (False: encryption only)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("--tls-key given without --tls-cert")
         for name in ("missed_beats", "max_body", "max_lookup"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -71,12 +83,17 @@ class _Lookup(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def create_app(config: ControllerConfig, state: ControllerState | None = None) -> Any:
-    """The FastAPI application of a controller."""
+    """The FastAPI application of a controller; ConfigError if it may not serve `config.host`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
     from kvtier.cluster.metrics import controller_registry
 
+    check_bind("kvtier controller", config.host, config.token, TOKEN_OPTION)
+    try:
+        tls = client_context(config.tls_ca, config.tls_verify)  # for forwarded actions to https:// admin APIs
+    except ConfigError as exc:
+        raise ConfigError(f"--tls-ca: {exc}") from None
     state = state or ControllerState(config.missed_beats)
     registry, lookup_latency = controller_registry(state)
     app = FastAPI(title="kvtier controller", docs_url=None, redoc_url=None)
@@ -94,7 +111,7 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
     decode = _decoder(config.max_body)
     _membership_routes(app, state, decode)
     _query_routes(app, state, config.max_lookup, decode, lookup_latency)
-    _action_routes(app, state, config.max_lookup, decode)
+    _action_routes(app, state, config.max_lookup, decode, tls)
     _page_routes(app, state, registry)
     return app
 
@@ -176,22 +193,22 @@ def _query_routes(app: Any, state: ControllerState, max_lookup: int, decode: Any
         return {"status": "ok"}
 
 
-def _action_routes(app: Any, state: ControllerState, max_lookup: int, decode: Any) -> None:
+def _action_routes(app: Any, state: ControllerState, max_lookup: int, decode: Any, tls: ssl.SSLContext) -> None:
     """What the instances carry out (forward.py): clear, pin, unpin, move."""
     from fastapi import Request
 
     @app.post("/clear")
     async def clear(request: Request) -> dict[str, Any]:
         target = (await decode(request, dict[str, str | None])).get("instance")
-        return {"cleared": await forward.post_all(forward.targets(state, target), "/clear", {}, "removed")}
+        return {"cleared": await forward.post_all(forward.targets(state, target), "/clear", {}, "removed", tls)}
 
     @app.post("/pin")
     async def pin(request: Request) -> dict[str, Any]:
-        return await _pin(state, await decode(request, _Action), "/pin")
+        return await _pin(state, await decode(request, _Action), "/pin", tls)
 
     @app.post("/unpin")
     async def unpin(request: Request) -> dict[str, Any]:
-        return await _pin(state, await decode(request, _Action), "/unpin")
+        return await _pin(state, await decode(request, _Action), "/unpin", tls)
 
     @app.post("/move")
     async def move(request: Request) -> dict[str, Any]:
@@ -199,7 +216,7 @@ def _action_routes(app: Any, state: ControllerState, max_lookup: int, decode: An
         if req.source is None or req.dest is None:
             raise ValueError("a move needs 'source' and 'dest' instance ids")
         namespace, digests = _digests(state, req, max_lookup)
-        return await forward.move(state, req.source, req.dest, namespace, digests)
+        return await forward.move(state, req.source, req.dest, namespace, digests, tls)
 
 
 def _page_routes(app: Any, state: ControllerState, registry: Any) -> None:
@@ -240,7 +257,9 @@ class _Guard:
             if self.config.token and scope["path"] not in OPEN_PATHS and not hmac.compare_digest(sent, self.expected):
                 refusal = 401, "missing or wrong bearer token"
             length = headers.get(b"content-length", b"0")
-            if refusal is None and (not length.isdigit() or int(length) > self.config.max_body):
+            if refusal is None and not length.isdigit():
+                refusal = 400, "malformed Content-Length"
+            elif refusal is None and int(length) > self.config.max_body:
                 refusal = 413, f"body over {self.config.max_body} bytes"
             if refusal is not None:
                 body = msgspec.json.encode({"detail": refusal[1]})
@@ -296,14 +315,17 @@ def _digests(state: ControllerState, req: _Lookup, limit: int) -> tuple[str, lis
         return hasher.namespace.hex(), [c.key.digest.hex() for c in hasher.chunks(req.tokens)]
     if req.namespace is None:
         raise ValueError("hashes need the namespace")
-    return req.namespace, list(req.hashes or ())
+    hashes = list(req.hashes or ())
+    if len(bytes.fromhex(req.namespace)) != 16 or any(len(bytes.fromhex(h)) != 16 for h in hashes):
+        raise ValueError("the namespace and each hash are 16 bytes (32 hex digits)")
+    return req.namespace, hashes
 
 
-async def _pin(state: ControllerState, req: _Action, path: str) -> dict[str, Any]:
+async def _pin(state: ControllerState, req: _Action, path: str, tls: ssl.SSLContext) -> dict[str, Any]:
     """Pin (or unpin) chunks in the L1 of one or every live instance; per instance, keys affected."""
     namespace, digests = _digests(state, req, 1 << 20)
     payload = {"namespace": namespace, "hashes": digests}
-    answer = await forward.post_all(forward.targets(state, req.instance), path, payload, "keys")
+    answer = await forward.post_all(forward.targets(state, req.instance), path, payload, "keys", tls)
     return {"pinned" if path == "/pin" else "unpinned": answer}
 
 

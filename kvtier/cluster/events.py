@@ -29,10 +29,13 @@ def encode_record(tier: int, admitted: bool, key: bytes) -> bytes:
 
 
 def decode_records(blob: bytes | memoryview) -> Iterator[tuple[int, bool, bytes]]:
-    """(tier code, admitted, 32 key bytes) for each record of a batch; ValueError if it is torn."""
+    """(tier code, admitted, 32 key bytes) for each record of a batch; ValueError if it is torn or
+    names an unknown tier (before the first record)."""
     if len(blob) % RECORD_BYTES:
         raise ValueError(f"event batch of {len(blob)} bytes is not a whole number of {RECORD_BYTES}-byte records")
     data = bytes(blob)
+    if data and max(data[::RECORD_BYTES]) >> 1 >= len(TIER_NAMES):  # checked before any record is applied
+        raise ValueError(f"event batch names a tier code beyond {len(TIER_NAMES) - 1} ({', '.join(TIER_CODES)})")
     for at in range(0, len(data), RECORD_BYTES):
         code = data[at]
         yield code >> 1, bool(code & 1), data[at + 1 : at + RECORD_BYTES]

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kvtier.cluster.address import split_address
 from kvtier.cluster.events import KEY_BYTES, TIER_CODES
 from kvtier.cluster.index import ChunkIndex
 from kvtier.keys import ChunkHasher
@@ -34,6 +35,20 @@ class Registration:
     heartbeat_s: float  # seconds between its heartbeats
     address: str = ""  # host:port where peers reach it (P2P), "" if none
     admin_url: str = ""  # its admin API, "" if none
+
+
+def check_registration(reg: Registration) -> None:
+    """ValueError naming the first field of `reg` that is not usable."""
+    if not reg.id or len(reg.id) > 256:
+        raise ValueError("id: 1 to 256 characters")
+    if len(bytes.fromhex(reg.namespace)) != 16:
+        raise ValueError(f"namespace: 32 hex digits, got {reg.namespace!r:.80}")
+    if not 0 < reg.heartbeat_s <= 3600:  # also refuses NaN
+        raise ValueError(f"heartbeat_s: a number of seconds in (0, 3600], got {reg.heartbeat_s}")
+    if reg.address:
+        split_address(reg.address)
+    if reg.admin_url and not reg.admin_url.startswith(("http://", "https://")):
+        raise ValueError(f"admin_url: an http:// or https:// URL, got {reg.admin_url!r:.80}")
 
 
 @dataclass(slots=True)
@@ -81,8 +96,9 @@ class ControllerState:
     # --- instances ------------------------------------------------------------------------------
 
     def register(self, reg: Registration) -> Instance:
-        """Add (or re-add after a restart) an instance; it must send a snapshot next."""
-        bytes.fromhex(reg.namespace)  # ValueError early for a bad namespace
+        """Add (or re-add after a restart) an instance; it must send a snapshot next. ValueError
+        for a registration that is not usable (it is not added)."""
+        check_registration(reg)
         old = self.instances.pop(reg.id, None)
         if old is not None:
             self.index.drop(old.slot)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import msgspec
 import pytest
 
 from kvtier.cluster.app import MSGPACK, ControllerConfig, create_app
 from kvtier.cluster.events import encode_record
+from kvtier.errors import ConfigError
 from kvtier.keys import ChunkHasher
 
 pytest.importorskip("fastapi")
@@ -76,9 +79,59 @@ def test_body_limit(client):
 def test_token_is_required_except_for_health():
     client = TestClient(create_app(ControllerConfig(token="s3cret")))
     assert client.get("/health").status_code == 200
+    assert client.get("/").status_code == 200  # the dashboard page: it holds no data
     assert client.get("/instances").status_code == 401
     assert client.get("/instances", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/instances", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("post", p) for p in ("/clear", "/pin", "/unpin", "/move", "/register", "/heartbeat", "/events",
+                           "/snapshot", "/lookup", "/holders")]
+    + [("delete", "/instances/a"), ("get", "/history"), ("get", "/metrics"), ("get", "/nowhere")],
+)  # fmt: skip
+def test_every_other_route_needs_the_token(method, path):
+    client = TestClient(create_app(ControllerConfig(token="s3cret")))
+    client.post("/register", json=registration("a"), headers={"Authorization": "Bearer s3cret"})
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        kwargs = {"json": {"instance": "a"}, "headers": headers} if method == "post" else {"headers": headers}
+        answer = getattr(client, method)(path, **kwargs)
+        assert answer.status_code == 401 and answer.json()["detail"] == "missing or wrong bearer token"
+    assert client.get("/instances", headers={"Authorization": "Bearer s3cret"}).json()[0]["id"] == "a"  # untouched
+
+
+def test_no_token_is_refused_beyond_loopback_and_warned_about_on_it(caplog):
+    with pytest.raises(ConfigError, match=r"binding '0.0.0.0'.*needs a token; set --token-file or \$KVTIER_CONTROLLER"):
+        create_app(ControllerConfig(host="0.0.0.0"))
+    create_app(ControllerConfig(host="0.0.0.0", token="s3cret"))
+    with caplog.at_level(logging.WARNING, logger="kvtier.auth"):
+        create_app(ControllerConfig(host="127.0.0.1"))
+    assert "kvtier controller on 127.0.0.1 has no token" in caplog.text
+
+
+def test_malformed_input_is_a_4xx_with_a_reason(client):
+    def refused(answer, status: int, reason: str) -> None:
+        assert answer.status_code == status and reason in answer.json()["detail"], answer.text
+
+    client.post("/register", json=registration("a"))
+    post_msgpack(client, "/snapshot", {"id": "a", "seq": 0, "tiers": {"l1": b"".join(keys()[:2])}})
+    events = encode_record(1, True, keys()[3]) + bytes([9 << 1]) + keys()[4]  # a good record, then tier 9
+    answer = client.post("/events", content=msgspec.msgpack.encode({"id": "a", "seq": 1, "events": events}),
+                         headers={"Content-Type": MSGPACK})  # fmt: skip
+    refused(answer, 400, "tier code")
+    assert client.get("/instances").json()[0]["chunks"] == {"l1": 2, "l2": 0}  # nothing of the batch applied
+    refused(client.post("/register", json=registration("b") | {"namespace": "00"}), 400, "namespace")
+    refused(client.post("/register", json=registration("b") | {"heartbeat_s": 0}), 400, "heartbeat_s")
+    refused(client.post("/register", json=registration("b") | {"address": "a:b:c"}), 400, "address")
+    refused(client.post("/register", json=registration("b") | {"admin_url": "file:///etc"}), 400, "admin_url")
+    refused(client.post("/pin", json={"namespace": NS.hex(), "hashes": ["zz"]}), 400, "non-hexadecimal")
+    refused(client.post("/pin", json={"namespace": NS.hex(), "hashes": ["00"]}), 400, "16 bytes")
+    refused(client.post("/clear", json={"instance": 5}), 400, "bad request")
+    refused(client.post("/lookup", content=b"{}", headers={"Content-Length": "x"}), 400, "Content-Length")
+    refused(client.post("/holders", json={"namespace": "q", "hashes": []}), 400, "non-hexadecimal")
+    refused(client.delete("/instances/nobody"), 404, "no instance 'nobody'")
+    assert [i["id"] for i in client.get("/instances").json()] == ["a"]
 
 
 def test_actions_name_what_is_wrong(client):
