@@ -2,13 +2,15 @@
 
 It runs in a daemon thread of the serving process (uvicorn), enabled by `admin.port`; the
 convention is port 9100 + rank. With `KVTIER_ADMIN_TOKEN` set, every route but /health and
-/metrics needs `Authorization: Bearer <token>`. FastAPI, uvicorn and prometheus-client are
-imported only when the API is started.
+/metrics needs `Authorization: Bearer <token>`; without one it serves only loopback
+(auth.check_bind). With `tls.cert` it serves HTTPS. Request bodies over MAX_BODY are refused (413).
+FastAPI, uvicorn and prometheus-client are imported only when the API is started.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
 import contextlib
 import hmac
+import json
 import logging
 import os
 import threading
@@ -33,9 +35,11 @@ class Node(Protocol):
 log = logging.getLogger("kvtier.api")
 TOKEN_ENV = "KVTIER_ADMIN_TOKEN"  # bearer token of the admin API (not a config key: never printed)
 OPEN_PATHS = ("/health", "/metrics")  # routes that need no token (probes and scrapers)
+# bytes: largest request body; the largest is a pin or fetch of ~1M chunk hashes (~35 bytes each)
+MAX_BODY = 64 * 1024 * 1024
 
 
-def create_admin_app(node: "Node", token: str = "") -> Any:
+def create_admin_app(node: "Node", token: str = "", max_body: int = MAX_BODY) -> Any:
     """The FastAPI application of one instance's admin API (the engine of `node`, and its agent)."""
     from fastapi import Depends, FastAPI, HTTPException, Request
 
@@ -46,6 +50,7 @@ def create_admin_app(node: "Node", token: str = "") -> Any:
                 raise HTTPException(401, "missing or wrong bearer token")
 
     app = FastAPI(title="kvtier instance", docs_url=None, redoc_url=None, dependencies=[Depends(check)])
+    app.add_middleware(BodyLimit, max_body=max_body)
     _read_routes(app, node)
     _cache_routes(app, node)
     return app
@@ -86,8 +91,11 @@ def _cache_routes(app: Any, node: "Node") -> None:
     """clear, pin, unpin, fetch (a move's destination side)."""
     from fastapi import HTTPException
 
+    from kvtier.cluster.peer import peer_tls
+
     engine = node.engine
     peer_timeout = node.config.cluster.peer_timeout_ms / 1e3
+    p2p_tls = peer_tls(node.config.tls)  # built once: a CA file that cannot be read fails the start
 
     @app.post("/clear")
     def clear() -> dict[str, Any]:
@@ -107,12 +115,16 @@ def _cache_routes(app: Any, node: "Node") -> None:
 
     @app.post("/fetch")
     def fetch(body: dict[str, Any]) -> dict[str, Any]:
-        from kvtier.cluster.peer import fetch_from
+        from kvtier.cluster.move import FetchRefused, check_peer, fetch_from
 
-        address = body.get("address")
-        if not isinstance(address, str) or ":" not in address:
-            raise HTTPException(400, "expected {address: host:port, namespace, hashes}")
-        return {"stored": fetch_from(engine, address, _keys(body), peer_timeout)}
+        keys = _keys(body)
+        agent = node.agent  # its controller says which addresses are peers
+        try:
+            check_peer(None if agent is None else agent.controller, "" if agent is None else agent.reg.id,
+                       body.get("address"), node.config.cluster.timeout_ms / 1e3)  # fmt: skip
+        except FetchRefused as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        return {"stored": fetch_from(engine, body["address"], keys, peer_timeout, p2p_tls)}
 
 
 def _keys(body: dict[str, Any]) -> list[Any]:
@@ -131,15 +143,81 @@ def _keys(body: dict[str, Any]) -> list[Any]:
     return keys
 
 
-class AdminServer:
-    """The admin API served by uvicorn on a daemon thread."""
+class BodyLimit:
+    """Plain ASGI middleware: refuse a request body over `max_body` bytes (413) before the app reads
+    it, by its Content-Length, or, for a body sent without one, once more than that has arrived."""
 
-    def __init__(self, node: "Node", host: str, port: int) -> None:
+    def __init__(self, app: Any, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and not length.isdigit():
+            await _refuse(send, 400, "malformed Content-Length")
+            return
+        if length is not None and int(length) > self.max_body:
+            await _refuse(send, 413, f"body over {self.max_body} bytes")
+            return
+        if length is None:  # chunked: read it here, up to the limit, and hand it on whole
+            body = bytearray()
+            more = True
+            while more:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.max_body:
+                    await _refuse(send, 413, f"body over {self.max_body} bytes")
+                    return
+            receive = _replay(bytes(body), receive)
+        await self.app(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that gives `body` once, then what `receive` gives (a disconnect)."""
+    sent = False
+
+    async def replay() -> Any:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+async def _refuse(send: Any, status: int, reason: str) -> None:
+    body = json.dumps({"detail": reason}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AdminServer:
+    """The admin API served by uvicorn on a daemon thread (HTTPS with a certificate)."""
+
+    def __init__(
+        self, node: "Node", host: str, port: int, tls_cert: str | None = None, tls_key: str | None = None
+    ) -> None:
+        """ConfigError if `host` is beyond loopback without $KVTIER_ADMIN_TOKEN, or the certificate
+        cannot be loaded; OSError if the port cannot be bound."""
         import uvicorn
 
-        app = create_admin_app(node, os.environ.get(TOKEN_ENV, ""))
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
-        self.url = f"http://{host}:{port}"
+        from kvtier.auth import check_bind
+        from kvtier.tls import server_context
+
+        token = os.environ.get(TOKEN_ENV, "")
+        check_bind("admin API", host, token, f"${TOKEN_ENV}")
+        if tls_cert:
+            server_context(tls_cert, tls_key, "tls.cert")  # a clear error before uvicorn loads the files
+        app = create_admin_app(node, token)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                ssl_certfile=tls_cert, ssl_keyfile=tls_key)  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self.url = f"{'https' if tls_cert else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
         self._thread = threading.Thread(target=self._serve, name="kvtier-admin", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10

@@ -7,6 +7,8 @@ asks, the services that expose or share it, and stops them in reverse order:
            -> admin API with Prometheus /metrics (admin.port) -> cluster agent (cluster.controller_url)
 
 The agent starts last because its registration names the admin API's URL and the peer address.
+With `tls.cert` the admin API serves HTTPS (its registered URL says https://) and the peer server
+TLS; the agent, the peer tier and moves check the controller and peers with `tls.ca`/`tls.verify`.
 The vLLM and transformers integrations, the demo and the CLI build through here; later services
 (shared-memory clients, a disaggregated-prefill channel) are started here too, so there is one
 place that knows what runs around an engine.
@@ -86,8 +88,8 @@ class Node:
             if self.config.admin.port:
                 from kvtier.api import AdminServer
 
-                admin = self.config.admin
-                self.admin = AdminServer(self, admin.host, rank_port(admin.port, self.rank))
+                admin, tls = self.config.admin, self.config.tls
+                self.admin = AdminServer(self, admin.host, rank_port(admin.port, self.rank), tls.cert, tls.key)
             if cluster.controller_url is not None:
                 self.agent = self._join_cluster(cluster)
         except BaseException:
@@ -99,9 +101,9 @@ class Node:
 
         if cluster.advertise:
             host, _, port = cluster.advertise.rpartition(":")
-            self.peer_server = peer.serve_peers(self.engine, host, rank_port(int(port), self.rank))
+            self.peer_server = peer.serve_peers(self.engine, host, rank_port(int(port), self.rank), self.config.tls)
         if cluster.peer_fetch:
-            peer.add_peer_tier(self.engine, replace(cluster, instance_id=self.instance_id))
+            peer.add_peer_tier(self.engine, replace(cluster, instance_id=self.instance_id), self.config.tls)
 
     def publish_holdings(self, name: str) -> bool:
         """Serve the keys L1 holds, and their changes, on the abstract socket `name` (a scheduler in
@@ -130,6 +132,7 @@ class Node:
         """Report the engine's L1 and disk chunks to the controller."""
         from kvtier.cluster.agent import ClusterAgent
         from kvtier.cluster.state import Registration
+        from kvtier.tls import ClientTLS
 
         address = ""
         if self.peer_server is not None:  # the advertised host, the bound port (it may have been 0)
@@ -141,8 +144,9 @@ class Node:
             heartbeat_s=cluster.heartbeat_ms / 1000, address=address,
             admin_url="" if self.admin is None else self.admin.url,
         )  # fmt: skip
+        tls = ClientTLS(self.config.tls.ca, self.config.tls.verify)  # checks an https:// controller
         return ClusterAgent(replace(cluster, instance_id=self.instance_id), reg, self.engine.local_tiers(),
-                            self.heartbeat_stats)  # fmt: skip
+                            self.heartbeat_stats, tls)  # fmt: skip
 
     def heartbeat_stats(self) -> dict[str, float]:
         """What the controller's dashboard shows of this engine: lookups, hits, tier usage."""

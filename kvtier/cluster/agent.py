@@ -10,26 +10,23 @@ the serving engine nothing: events pile up to `max_events`, then a snapshot repl
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, Protocol
 
-import msgspec
-
-from kvtier.cluster.app import MSGPACK, TOKEN_ENV
+from kvtier.cluster.app import TOKEN_ENV
+from kvtier.cluster.client import MAX_STATUS_ANSWER, ControllerClient, ControllerUnavailable
 from kvtier.cluster.events import TIER_CODES, EventBatcher, encode_keys
 from kvtier.cluster.state import OK, RESYNC, UNKNOWN, Registration
 from kvtier.config import ClusterConfig
 from kvtier.keys import ChunkKey
 from kvtier.logutil import BurstLog
 from kvtier.storage.base import TierListener
+from kvtier.tls import ClientTLS
 
 log = logging.getLogger("kvtier.cluster.agent")
 
@@ -43,10 +40,6 @@ class ReportingTier(Protocol):
     def held_keys(self) -> list[ChunkKey]: ...
 
 
-class ControllerUnavailable(Exception):
-    """The controller did not answer (network error, timeout or an error status)."""
-
-
 class ClusterAgent:
     """Keeps the controller's view of this instance's tiers up to date, from a background thread."""
 
@@ -56,7 +49,9 @@ class ClusterAgent:
         reg: Registration,
         tiers: Sequence[ReportingTier],
         stats: Callable[[], dict[str, float]] | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
+        """`tls`: how to check an https:// controller's certificate (Config.tls's ca and verify)."""
         assert config.controller_url is not None
         self.config = config
         self.reg = reg
@@ -66,8 +61,7 @@ class ClusterAgent:
         self.registered = False  # the controller accepted our registration
         self.synced = False  # ... and our latest snapshot
         self.acked = 0  # number of the last batch the controller applied (or a snapshot stands for)
-        self._url = config.controller_url.rstrip("/")
-        self._token = os.environ.get(TOKEN_ENV, "")
+        self.controller = ControllerClient(config.controller_url, os.environ.get(TOKEN_ENV, ""), tls)
         self._stop = threading.Event()
         self._burst = BurstLog(log)
         for tier in self.tiers:
@@ -84,7 +78,7 @@ class ClusterAgent:
                     self._answer(self._post("/heartbeat", {"id": self.reg.id, "stats": self._stats()}))
                     next_beat = time.monotonic() + self.config.heartbeat_ms / 1000
             except ControllerUnavailable as exc:
-                self._burst.warning("down", "controller %s: %s", self._url, exc)
+                self._burst.warning("down", "controller %s: %s", self.controller.url, exc)
                 self._stop.wait(self.config.heartbeat_ms / 1000)  # back off, then try again
                 continue
             self._stop.wait(self.config.flush_ms / 1000)
@@ -94,7 +88,7 @@ class ClusterAgent:
         if not self.registered:
             self._post("/register", asdict(self.reg))
             self.registered, self.synced = True, False
-            log.info("registered with %s as %s", self._url, self.reg.id)
+            log.info("registered with %s as %s", self.controller.url, self.reg.id)
         if not self.synced or self.batcher.overflowed:
             self._snapshot()
         batch = self.batcher.take()
@@ -135,18 +129,11 @@ class ClusterAgent:
             raise ControllerUnavailable(f"unexpected answer {answer!r}")
 
     def _post(self, path: str, payload: dict[str, Any], msgpack: bool = False) -> dict[str, Any]:
-        data = msgspec.msgpack.encode(payload) if msgpack else json.dumps(payload).encode()
-        headers = {"Content-Type": MSGPACK if msgpack else "application/json"}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
-        request = urllib.request.Request(self._url + path, data=data, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout_ms / 1000) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            raise ControllerUnavailable(f"{path}: HTTP {exc.code} {exc.read()[:200]!r}") from None
-        except (OSError, ValueError) as exc:  # URLError, timeouts and resets are OSErrors
-            raise ControllerUnavailable(f"{path}: {exc}") from None
+        answer = self.controller.request(path, payload, timeout=self.config.timeout_ms / 1000,
+                                         limit=MAX_STATUS_ANSWER, msgpack=msgpack)  # fmt: skip
+        if not isinstance(answer, dict):
+            raise ControllerUnavailable(f"{path}: unexpected answer {answer!r:.200}")
+        return answer
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every event recorded so far reached the controller; False on timeout."""

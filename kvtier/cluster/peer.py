@@ -12,26 +12,29 @@ them from that peer with the kvtier client. RemoteTier frames nothing new but va
 slow peer costs one deadline, then it is skipped (its back-off doubling per failed trial) and the
 next lookup picks the best of the other peers, while the chain falls back to other tiers or to
 recompute. A failing controller, on the other hand, pauses the whole peer tier (RemoteTier's breaker).
+Lookup answers are read up to MAX_LOOKUP_ANSWER. P2P uses TLS when the instances have a `tls.cert`
+(`peer_tls`). Moves (the admin API's /fetch) are cluster/move.py.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
+import ssl
 import threading
 import time
-import urllib.request
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from kvtier.cluster.address import split_address
+from kvtier.cluster.client import ControllerClient, ControllerUnavailable
 from kvtier.codec import Codec
 from kvtier.codec.framing import encode_object
-from kvtier.config import ClusterConfig
+from kvtier.config import ClusterConfig, TLSConfig
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
@@ -40,8 +43,13 @@ from kvtier.storage.cpu import CPUTier
 from kvtier.storage.filetier import FileTier
 from kvtier.storage.remote.breaker import Breaker
 from kvtier.storage.remote.store import Buffer, MemberDown, StoreOptions
+from kvtier.tls import ClientTLS, client_context
+from kvtier.units import MiB
 
 log = logging.getLogger("kvtier.cluster.peer")
+# bytes: largest /lookup answer read. It lists each live instance holding a prefix (~150 bytes
+# each), so 8 MiB is ~50,000 instances; a larger answer is a failed lookup, not an allocation.
+MAX_LOOKUP_ANSWER = 8 * MiB
 
 
 class PeerObjects:
@@ -125,17 +133,18 @@ class PeerStore:
 
     def __init__(
         self,
-        controller_url: str,
+        controller: ControllerClient,
         self_id: str,
-        token: str = "",
         options: StoreOptions | None = None,
         backoff: tuple[float, float] = (0.25, 10.0),
         clock: Callable[[], float] = time.monotonic,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        self.where = f"peers via {controller_url}"
-        self._url = controller_url.rstrip("/") + "/lookup"
+        """`tls`: the client context of TLS P2P ports (`peer_tls`); None = plain TCP."""
+        self.where = f"peers via {controller.url}"
+        self._tls = tls
+        self._controller = controller
         self._self_id = self_id
-        self._token = token
         self._options = options or StoreOptions()
         self.server_token = ""  # the token peers' kvtier servers expect ($KVTIER_SERVER_TOKEN)
         self._routes: dict[ChunkKey, str] = {}  # key -> peer address, from the last lookups
@@ -150,15 +159,13 @@ class PeerStore:
         if not keys:
             return []
         body = {"namespace": keys[0].namespace.hex(), "hashes": [k.digest.hex() for k in keys]}
-        headers = {"Content-Type": "application/json"} | (
-            {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        )
-        request = urllib.request.Request(self._url, json.dumps(body).encode(), headers, method="POST")
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            answer = json.loads(response.read())
-        peer = next((e for e in answer["instances"] if e["id"] != self._self_id and e["address"]
-                     and self._breaker(e["address"]).allow()), None)  # fmt: skip  # best first
-        n = 0 if peer is None else peer["chunks"]
+        answer = self._controller.request("/lookup", body, timeout=timeout, limit=MAX_LOOKUP_ANSWER)
+        try:
+            peer = next((e for e in answer["instances"] if e["id"] != self._self_id and e["address"]
+                         and self._breaker(e["address"]).allow()), None)  # fmt: skip  # best first
+            n = 0 if peer is None else min(int(peer["chunks"]), len(keys))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ControllerUnavailable(f"/lookup: malformed answer ({exc!r})") from None
         with self._lock:
             if len(self._routes) > 65536:
                 self._routes.clear()  # routes are hints for the get that follows a lookup
@@ -198,10 +205,9 @@ class PeerStore:
         with self._lock:
             client = self._clients.get(address)
             if client is None:
-                host, _, port = address.rpartition(":")
-                client = self._clients[address] = KVTierClient(
-                    host.strip("[]"), int(port), self.server_token, self._options
-                )
+                host, port = split_address(address, "peer address")
+                client = self._clients[address] = KVTierClient(host, port, self.server_token, self._options,
+                                                               tls=self._tls)  # fmt: skip
             return client
 
     def put(self, key: ChunkKey, parts: Sequence[Buffer], timeout: float) -> None:
@@ -217,25 +223,40 @@ class PeerStore:
             self._clients.clear()
 
 
-def serve_peers(engine: Any, host: str, port: int) -> Any:
-    """Start a kvtier server over the engine's L1 and disk tier on host:port; the ServerThread."""
+def peer_tls(tls: TLSConfig) -> ssl.SSLContext | None:
+    """The client context for peers' P2P ports, or None for plain TCP.
+
+    P2P is TLS cluster-wide or nowhere: an instance configured with `tls.cert` serves its P2P port
+    over TLS and expects every peer to do so too (checking their certificates with `tls.ca` and
+    `tls.verify`); one without it speaks plain TCP to peers. So give every instance of a cluster a
+    `tls.cert`, or none of them.
+    """
+    return client_context(tls.ca, tls.verify) if tls.cert else None
+
+
+def serve_peers(engine: Any, host: str, port: int, tls: TLSConfig | None = None) -> Any:
+    """Start a kvtier server over the engine's L1 and disk tier on host:port (TLS with `tls.cert`);
+    the ServerThread. ConfigError beyond loopback without $KVTIER_SERVER_TOKEN."""
     from kvtier.codec import get_codec
     from kvtier.server.client import TOKEN_ENV
     from kvtier.server.config import ServerConfig
     from kvtier.server.server import ServerThread
 
+    tls = tls or TLSConfig()
     chain = engine.chain
     disk = next((t for t in chain.lower if isinstance(t, FileTier)), None)
     objects = PeerObjects(chain.l1, disk, engine.layout, get_codec(engine.config.codec))
-    config = ServerConfig(host=host.strip("[]"), port=port, token=os.environ.get(TOKEN_ENV, ""))
+    config = ServerConfig(host=host.strip("[]"), port=port, token=os.environ.get(TOKEN_ENV, ""), name="P2P port",
+                          tls_cert=tls.cert, tls_key=tls.key)  # fmt: skip
     thread = ServerThread(config, objects).start()  # type: ignore[arg-type]  # duck-typed ObjectCache
     log.info("serving chunks to peers on %s", thread.url)
     return thread
 
 
-def add_peer_tier(engine: Any, cfg: ClusterConfig) -> None:
+def add_peer_tier(engine: Any, cfg: ClusterConfig, tls: TLSConfig | None = None) -> None:
     """Add a read-only "peer" tier to the engine's chain, after its disk tier and before a remote one;
-    `cfg` names the controller and this instance (not itself a peer)."""
+    `cfg` names the controller and this instance (not itself a peer), `tls` how to check the
+    controller and peers (Config.tls)."""
     from kvtier.cluster.app import TOKEN_ENV as CONTROLLER_TOKEN_ENV
     from kvtier.codec import get_codec
     from kvtier.server.client import TOKEN_ENV
@@ -243,35 +264,14 @@ def add_peer_tier(engine: Any, cfg: ClusterConfig) -> None:
 
     if cfg.controller_url is None:
         raise ConfigError("cluster.peer_fetch: needs a controller_url (the controller says which peer has what)")
+    tls = tls or TLSConfig()
+    controller = ControllerClient(cfg.controller_url, os.environ.get(CONTROLLER_TOKEN_ENV, ""),
+                                  ClientTLS(tls.ca, tls.verify))  # fmt: skip
     options = RemoteOptions(lookup_timeout=cfg.peer_lookup_timeout_ms / 1e3, timeout=cfg.peer_timeout_ms / 1e3)
-    store = PeerStore(cfg.controller_url, cfg.instance_id, os.environ.get(CONTROLLER_TOKEN_ENV, ""),
-                      backoff=(options.backoff, options.backoff_max))  # fmt: skip
+    store = PeerStore(controller, cfg.instance_id, backoff=(options.backoff, options.backoff_max),
+                      tls=peer_tls(tls))  # fmt: skip
     store.server_token = os.environ.get(TOKEN_ENV, "")
     tier = RemoteTier(store, engine.layout, get_codec(engine.config.codec), options,
                       engine_codec=engine.config.codec, name="peer")  # fmt: skip
     position = sum(1 for t in engine.chain.lower if isinstance(t, FileTier))
     engine.chain.add_reader(tier, position)
-
-
-def fetch_from(engine: Any, address: str, keys: Sequence[ChunkKey], timeout: float) -> int:
-    """Copy the leading `keys` a peer at `address` holds into this engine (L1 now, lower tiers
-    asynchronously), validated like every peer fetch, each batch within `timeout` seconds; how many
-    were stored."""
-    from kvtier.codec import get_codec
-    from kvtier.server.client import TOKEN_ENV, KVTierClient
-    from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
-
-    host, _, port = address.rpartition(":")
-    client = KVTierClient(host.strip("[]"), int(port), os.environ.get(TOKEN_ENV, ""))
-    tier = RemoteTier(client, engine.layout, get_codec(engine.config.codec), RemoteOptions(timeout=timeout),
-                      engine_codec=engine.config.codec, name="move")  # fmt: skip
-    stored = 0
-    try:
-        for key, kv in zip(keys, tier.get_many(keys), strict=True):
-            if kv is None:
-                break
-            engine.chain.store(key, kv)
-            stored += 1
-    finally:
-        tier.close()
-    return stored

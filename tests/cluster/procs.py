@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -28,28 +30,41 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 
 
 class Controller:
-    """`kvtier controller` on a free loopback port."""
+    """`kvtier controller` on a free loopback port (HTTPS with `certs`, a token with `token`)."""
 
-    def __init__(self, missed_beats: int = 3) -> None:
+    def __init__(self, missed_beats: int = 3, certs: Any = None, token: str = "", args: tuple[str, ...] = ()) -> None:
         self.missed_beats = missed_beats
+        self.args = args
+        self.token = token
+        self.context = None if certs is None else ssl.create_default_context(cafile=certs.ca)
+        if certs is not None:
+            self.args += ("--tls-cert", certs.cert, "--tls-key", certs.key, "--tls-ca", certs.ca)
         self.restart(free_port())
 
     def restart(self, port: int) -> None:
         """Start (again) on `port`; a restarted controller knows nothing until instances tell it."""
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if self.context else 'http'}://127.0.0.1:{port}"
         args = ["controller", "--port", str(port), "--missed-beats", str(self.missed_beats), "--log-level", "warning"]
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", *args], env=_env({}), cwd=ROOT)
+        env = _env({"KVTIER_CONTROLLER_TOKEN": self.token} if self.token else {})
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", *args, *self.args], env=env, cwd=ROOT)
         wait_for(lambda: self.get("/health")["status"] == "ok", 30, "controller start")
 
+    def _open(self, path: str, data: bytes | None = None, method: str = "GET") -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        req = urllib.request.Request(self.url + path, data, headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=60, context=self.context) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:  # closed here: an open TLS connection would delay stop() 30 s
+            with exc:
+                raise AssertionError(f"{method} {path}: HTTP {exc.code} {exc.read()!r}") from None
+
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=60) as r:
-            return json.loads(r.read())
+        return self._open(path)
 
     def post(self, path: str, payload: dict[str, Any]) -> Any:
-        req = urllib.request.Request(self.url + path, json.dumps(payload).encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return json.loads(r.read())
+        return self._open(path, json.dumps(payload).encode(), "POST")
 
     def instances(self) -> dict[str, dict[str, Any]]:
         return {i["id"]: i for i in self.get("/instances")}
