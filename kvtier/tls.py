@@ -25,15 +25,15 @@ class ClientTLS:
         return client_context(self.ca, self.verify)
 
 
-def client_context(ca: str | None = None, verify: bool = True) -> ssl.SSLContext:
-    """An SSLContext for connecting to a kvtier service."""
+def client_context(ca: str | None = None, verify: bool = True, option: str = "tls.ca") -> ssl.SSLContext:
+    """An SSLContext for connecting to a kvtier service (`option`: what gave `ca`, for errors)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca:
         try:
             ctx.load_verify_locations(cafile=ca)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"tls.ca: cannot load CA bundle {ca!r}: {exc}") from None
+            raise ConfigError(f"{option}: cannot load CA bundle {ca!r}: {exc}") from None
     if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -22,7 +22,6 @@ from kvtier.auth import check_bind
 from kvtier.cluster import forward
 from kvtier.cluster.events import TIER_NAMES
 from kvtier.cluster.state import ControllerState, Instance, Registration
-from kvtier.errors import ConfigError
 from kvtier.tls import client_context
 from kvtier.units import MiB
 
@@ -90,10 +89,7 @@ def create_app(config: ControllerConfig, state: ControllerState | None = None) -
     from kvtier.cluster.metrics import controller_registry
 
     check_bind("kvtier controller", config.host, config.token, TOKEN_OPTION)
-    try:
-        tls = client_context(config.tls_ca, config.tls_verify)  # for forwarded actions to https:// admin APIs
-    except ConfigError as exc:
-        raise ConfigError(f"--tls-ca: {exc}") from None
+    tls = client_context(config.tls_ca, config.tls_verify, "--tls-ca")  # for forwarded actions to https:// admin APIs
     state = state or ControllerState(config.missed_beats)
     registry, lookup_latency = controller_registry(state)
     app = FastAPI(title="kvtier controller", docs_url=None, redoc_url=None)

@@ -25,7 +25,7 @@ def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
                                 "set --token-file or $KVTIER_CONTROLLER_TOKEN"),
         (("--tls-cert", "/nonexistent/cert.pem"), "--tls-cert: cannot load certificate '/nonexistent/cert.pem'"),
         (("--tls-key", "/some/key.pem"), "--tls-key given without --tls-cert"),
-        (("--tls-ca", "/nonexistent/ca.pem"), "--tls-ca: tls.ca: cannot load CA bundle '/nonexistent/ca.pem'"),
+        (("--tls-ca", "/nonexistent/ca.pem"), "--tls-ca: cannot load CA bundle '/nonexistent/ca.pem'"),
     ],
 )  # fmt: skip
 def test_a_bad_start_is_one_error_line_and_status_2(args, message):
