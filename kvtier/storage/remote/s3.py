@@ -5,6 +5,11 @@
 Credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID, ~/.aws, instance roles); the endpoint
 may also come from AWS_ENDPOINT_URL. S3 has no batched read, so a batch is a set of concurrent
 requests on `max_connections` connections, bounded by the call's deadline as a whole.
+
+A get reads the object's size from the reply's Content-Length before its body, refuses an object over
+`max_object` (closing the connection, body unread), and otherwise reads exactly that many bytes: one
+buffer of the declared size, filled straight from the socket (botocore's read(n)); a body shorter or
+longer than declared is an error. A reply without Content-Length (chunked) is refused, never read.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, TierError
 from kvtier.keys import ChunkKey
 from kvtier.storage.remote.store import Buffer, StoreOptions, object_name
 
@@ -42,6 +47,7 @@ class S3Store:
         self.bucket = url.netloc
         self.prefix = url.path.strip("/")
         self.where = f"s3://{self.bucket}/{self.prefix}" + (f" at {query['endpoint']}" if "endpoint" in query else "")
+        self.max_object = options.max_object
         # One client, made now: making one costs ~0.3 s (botocore loads its service model), which a
         # 50 ms lookup cannot afford. Deadlines are kept by waiting on the pool, not by socket timeouts.
         config = BotoConfig(
@@ -115,7 +121,22 @@ class S3Store:
             if exc.response.get("Error", {}).get("Code") in _MISSING:
                 return None
             raise
-        data: bytes = response["Body"].read()
+        body = response["Body"]
+        try:
+            return self._read_body(name, body, response.get("ContentLength"))
+        except BaseException:
+            body.close()  # an unread rest must not reach the next request on this connection
+            raise
+
+    def _read_body(self, name: str, body: Any, size: int | None) -> bytes:
+        """Exactly `size` bytes of `body`, after checking `size` against max_object."""
+        if size is None:
+            raise TierError(f"S3 object {name}: the reply has no Content-Length; refusing an unbounded read")
+        if size > self.max_object:
+            raise TierError(f"S3 object {name} is {size} bytes, over remote max_object ({self.max_object} bytes)")
+        data: bytes = body.read(size)  # one allocation of `size` bytes, read into from the socket: no copy
+        if len(data) != size or body.read(1):  # (the empty read(1) also checks botocore's checksum, if any)
+            raise TierError(f"S3 object {name}: the body is not the {size} bytes its Content-Length declares")
         return data
 
     def put(self, key: ChunkKey, parts: Sequence[Buffer], timeout: float) -> None:
