@@ -7,6 +7,8 @@ Files are laid out like the disk tier's (`<root>/<namespace>/<digest[:2]>/<diges
 renamed into place: readers on any machine see a whole object or none, and concurrent writers of
 one key each leave a complete object. There is no byte budget: the share's owner bounds it. Calls run
 on a small thread pool so that a hung mount costs a caller its deadline, not a stuck request.
+A get checks a file's size (fstat of the open file) against `max_object` before allocating anything,
+then reads at most that many bytes into one buffer of that size.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from urllib.parse import SplitResult
 
 import numpy as np
 
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, TierError
 from kvtier.keys import ChunkKey
 from kvtier.storage.files import object_path, unlink_if_present, write_atomic
 from kvtier.storage.remote.store import Buffer, StoreOptions
@@ -40,6 +42,7 @@ class FsStore:
         except OSError as exc:
             raise ConfigError(f"remote.url: cannot create {self.root}: {exc.strerror or exc}") from exc
         self._tmp_tag = f"{socket.gethostname()}.{os.getpid()}"
+        self.max_object = options.max_object
         self._pool = ThreadPoolExecutor(options.max_connections, thread_name_prefix="kvtier-fs")
 
     def _path(self, key: ChunkKey) -> str:
@@ -60,7 +63,7 @@ class FsStore:
         return self._run(timeout, leading)
 
     def get(self, keys: Sequence[ChunkKey], timeout: float) -> list[Buffer | None]:
-        return self._run(timeout, lambda: [_read(self._path(k)) for k in keys])
+        return self._run(timeout, lambda: [_read(self._path(k), self.max_object) for k in keys])
 
     def put(self, key: ChunkKey, parts: Sequence[Buffer], timeout: float) -> None:
         buffers = [memoryview(part).cast("B") for part in parts]
@@ -73,10 +76,12 @@ class FsStore:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _read(path: str) -> memoryview | None:
+def _read(path: str, max_object: int) -> memoryview | None:
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
+            if size > max_object:
+                raise TierError(f"{path} is {size} bytes, over remote max_object ({max_object} bytes)")
             view = np.empty(size, dtype=np.uint8).data  # not zero-filled first, as a bytearray is
             got = 0
             while got < size:
