@@ -7,6 +7,21 @@ which change only how a client is made, how MGET spans nodes and how a deadline 
 have the same names in all three, so one deployment's objects read the same however it is reached.
 redis-py sets timeouts per client, not per call, so a store keeps one client (and connection pool)
 per deadline it is asked for: in practice two, a short one for lookups and one for data.
+
+How a reply is bounded (`max_object`): redis-py reads a whole bulk reply before returning it, and
+neither of its parsers (hiredis, Python) allocates a reply's declared length up front: the buffer
+grows with the bytes that arrive (a server that declared a 4 GB value and sent 8 MiB cost the client
+9 MiB). What a server holds under a key is bounded by the server: no string value exceeds its
+proto-max-bulk-len (512 MB by default; SET, APPEND and SETRANGE past it are refused), so an operator
+who wants a lower bound sets it there (1 MB at least, and above the largest object kvtier writes).
+The values are objects kvtier wrote; RemoteTier checks each one's key, layout and checksum. A value
+over `max_object` is then refused like on the other backends (a TierError), but after it was read.
+No check runs before the read. A STRLEN in the MGET's pipeline is answered with the MGET, so it
+bounds nothing, and it cost a batch of 8 values 1.3-1.5x (4 kB) and 1.6-1.7x (256 kB) on loopback;
+a STRLEN round trip first doubles a get's round trips (2.0-2.3x at 4 kB), and a server that lied
+about a value would lie about its length. GETRANGE key 0 max_object would have the server cut a
+value short, at 8 commands for one MGET (1.3x at 4 kB), and bound only honest servers, which
+proto-max-bulk-len already bounds.
 """
 
 from __future__ import annotations
@@ -21,7 +36,7 @@ from redis.backoff import NoBackoff
 from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, TierError
 from kvtier.keys import ChunkKey
 from kvtier.storage.remote.deadline import DeadlinePool
 from kvtier.storage.remote.store import Buffer, StoreOptions, object_name
@@ -108,7 +123,12 @@ class RedisStore:
 
     def get(self, keys: Sequence[ChunkKey], timeout: float) -> list[Buffer | None]:
         names = [object_name(k) for k in keys]
-        return self._run(timeout, lambda: self._mget(self._client(timeout), names))
+        values: list[Buffer | None] = self._run(timeout, lambda: self._mget(self._client(timeout), names))
+        bound = self._options.max_object
+        for name, value in zip(names, values, strict=True):
+            if value is not None and len(value) > bound:  # read already: see the module docstring
+                raise TierError(f"Redis value {name} is {len(value)} bytes, over remote max_object ({bound} bytes)")
+        return values
 
     def put(self, key: ChunkKey, parts: Sequence[Buffer], timeout: float) -> None:
         value = Parts(memoryview(part).cast("B") for part in parts)
