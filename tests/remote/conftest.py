@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,9 @@ from kvtier import CacheEngine
 from kvtier.codec.raw import RawCodec
 from kvtier.keys import ChunkKey
 from kvtier.storage.remote import open_store
+from kvtier.storage.remote.store import ObjectStore, StoreOptions
 from kvtier.storage.remote.tier import RemoteOptions, RemoteTier
+from kvtier.urls import backend_of, parse_url
 from tests.conftest import SMALL, random_kv
 from tests.remote.redis_groups import RedisClusterGroup, RedisSentinelGroup
 from tests.remote.servers import Server, ServerProcess, free_port, kvtier_server, redis_server, s3_server, s3_url
@@ -68,6 +71,14 @@ def keyspace():
     """key(i): keys in a namespace no other test uses (servers are shared)."""
     ns = next(_namespaces)
     return lambda i: unique_key(i, ns)
+
+
+def open_with(url: str, options: StoreOptions) -> ObjectStore:
+    """The store of `url` opened with any StoreOptions (open_store sets only timeouts and pool size)."""
+    parts = parse_url(url)
+    module, name = backend_of(parts)
+    store: ObjectStore = getattr(importlib.import_module(module), name)(parts, options)
+    return store
 
 
 def make_tier(url: str, **options: float) -> RemoteTier:
