@@ -6,8 +6,9 @@ up (250 addresses), each reconnecting `--reconnect` seconds after the server clo
   idle       40%  connect and say nothing
   slow       20%  trickle a HELLO, a byte a second (slowloris)
   oversized  10%  log in and announce a 1 GiB frame
-  trickler   15%  log in and upload 60 MiB at 256 KiB/s
-  staller    15%  log in, send 59 MiB of a 60 MiB upload at full speed, then stall
+  trickler   15%  log in and upload the largest frame allowed (64 MiB) at 256 KiB/s
+  staller    15%  log in, send all but 1 MiB of the largest upload at full speed, then stall
+(the uploads fill `--max-inflight` to the byte: a well-behaved upload must preempt one)
 The well-behaved client, on 127.0.0.1, stores and then loads a 5.9 MB chunk (a real object, new key
 each round) `--rounds` times on the quiet server (the reference), then again under attack.
 The server's peak RSS comes from /proc (VmHWM), its counters from STATS.
@@ -31,7 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -67,7 +68,8 @@ def frame(op: int, meta: dict[str, Any], body_len: int = 0) -> bytes:
 
 async def hostile(kind: str, i: int, port: int, reconnect: float, counts: dict[str, int]) -> None:
     hello = frame(Op.HELLO, {"token": TOKEN, "client": "hostile"})
-    put = frame(Op.PUT, {"key": os.urandom(32)}, 60 * MiB)
+    put = frame(Op.PUT, {"key": os.urandom(32)}, 0)
+    put = frame(Op.PUT, {"key": os.urandom(32)}, 64 * MiB - len(put))  # exactly the default max_frame
     while True:
         writer = None
         try:
@@ -87,7 +89,7 @@ async def hostile(kind: str, i: int, port: int, reconnect: float, counts: dict[s
                 else:
                     writer.write(put)
                     piece = bytes(256 * 1024 if kind == "trickler" else MiB)
-                    for _ in range(59 * MiB // len(piece)):
+                    for _ in range(63 * MiB // len(piece)):
                         writer.write(piece)
                         await writer.drain()
                         if kind == "trickler":
@@ -117,24 +119,45 @@ async def attack(port: int, sockets: int, reconnect: float) -> None:
 # --- the measurement -----------------------------------------------------------------------------
 
 
-def rounds(client: KVTierClient, n: int, seed: int) -> tuple[list[float], list[float], list[float]]:
-    """(start times, put latencies, get latencies) of n put+get rounds with new 5.9 MB objects."""
+class Rounds(NamedTuple):
+    starts: list[float]  # perf_counter at the start of each successful round
+    puts: list[float]  # seconds
+    gets: list[float]
+    connects: list[float]  # seconds for a new client to connect, log in and get HEALTH answered
+    failures: list[str]  # rounds whose put or get failed (refused, timed out, ...): what happened
+
+
+def rounds(client: KVTierClient, n: int, seed: int) -> Rounds:
+    """n rounds of put+get of a new 5.9 MB object on the pooled connection, then a new connection
+    (what a starting engine does); a failed round is counted, not timed."""
     generator = torch.Generator().manual_seed(seed)
     kv = torch.randn(LAYOUT.shape(256), generator=generator).to(LAYOUT.dtype)
-    starts, puts, gets = [], [], []
+    out = Rounds([], [], [], [], [])
+    host, port = client._address
     for r in range(n):
         key = ChunkKey(os.urandom(16), r.to_bytes(16, "little"))
         obj = b"".join(encode_object(key, LAYOUT, RawCodec(), kv))
         t0 = time.perf_counter()
-        client.put(key, [obj], 10.0)
-        t1 = time.perf_counter()
-        got = client.get([key], 10.0)[0]
-        t2 = time.perf_counter()
+        try:
+            client.put(key, [obj], 10.0)
+            t1 = time.perf_counter()
+            got = client.get([key], 10.0)[0]
+            t2 = time.perf_counter()
+            fresh = KVTierClient(host, port, TOKEN, StoreOptions(connect_timeout=5.0, max_connections=1))
+            try:
+                fresh.health(10.0)
+            finally:
+                fresh.close()
+            t3 = time.perf_counter()
+        except Exception as exc:  # the server refused or dropped us: what an attack must not cause
+            out.failures.append(f"{type(exc).__name__}: {exc}")
+            continue
         assert got is not None and bytes(got) == obj, "a well-behaved client read wrong bytes"
-        starts.append(t0)
-        puts.append(t1 - t0)
-        gets.append(t2 - t1)
-    return starts, puts, gets
+        out.starts.append(t0)
+        out.puts.append(t1 - t0)
+        out.gets.append(t2 - t1)
+        out.connects.append(t3 - t2)
+    return out
 
 
 def status(pid: int, field: str) -> int:
@@ -195,7 +218,11 @@ def main() -> None:
                           str(args.sockets), "--reconnect", str(args.reconnect)], "sockets")  # fmt: skip
         time.sleep(args.settle)
         attacked = rounds(client, args.rounds, seed=3)
-        stats = client.stats()["server"]
+        try:
+            stats = client.stats()["server"]
+        except Exception as exc:  # locked out
+            print(f"no STATS from the server under attack: {exc}")
+            stats = {}
         peak = status(server.pid, "VmHWM")
     finally:
         sampling.set()
@@ -211,48 +238,58 @@ def main() -> None:
 
 
 def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.array(values) * 1e3, q))
+    return float(np.percentile(np.array(values) * 1e3, q)) if values else float("nan")
 
 
-def _report(args: argparse.Namespace, quiet: Any, attacked: Any, stats: dict[str, Any], counts: dict[str, int],
-            idle_rss: int, peak: int) -> None:  # fmt: skip
+def _report(args: argparse.Namespace, quiet: Rounds, attacked: Rounds, stats: dict[str, Any],
+            counts: dict[str, int], idle_rss: int, peak: int) -> None:  # fmt: skip
     rows: list[list[object]] = []
-    for name, (_, puts, gets) in (("quiet (reference)", quiet), (f"{args.sockets} hostile sockets", attacked)):
-        rows.append([name, f"{_pct(puts, 50):.1f}", f"{_pct(puts, 99):.1f}", f"{_pct(gets, 50):.1f}",
-                     f"{_pct(gets, 99):.1f}"])  # fmt: skip
+    for name, r in (("quiet (reference)", quiet), (f"{args.sockets} hostile sockets", attacked)):
+        rows.append([name, f"{_pct(r.puts, 50):.1f}", f"{_pct(r.puts, 99):.1f}", f"{_pct(r.gets, 50):.1f}",
+                     f"{_pct(r.gets, 99):.1f}", f"{_pct(r.connects, 99):.1f}",
+                     f"{len(r.failures)}/{args.rounds}"])  # fmt: skip
     bound = BUDGET + INFLIGHT + OVERHEAD
     summary = {
         "sockets": args.sockets, "rounds": args.rounds, "chunk_mb": 5.9,
-        "quiet_put_p99_ms": round(_pct(quiet[1], 99), 2), "quiet_get_p99_ms": round(_pct(quiet[2], 99), 2),
-        "attack_put_p50_ms": round(_pct(attacked[1], 50), 2), "attack_put_p99_ms": round(_pct(attacked[1], 99), 2),
-        "attack_get_p50_ms": round(_pct(attacked[2], 50), 2), "attack_get_p99_ms": round(_pct(attacked[2], 99), 2),
+        "quiet_put_p99_ms": round(_pct(quiet.puts, 99), 2), "quiet_get_p99_ms": round(_pct(quiet.gets, 99), 2),
+        "attack_put_p50_ms": round(_pct(attacked.puts, 50), 2), "attack_put_p99_ms": round(_pct(attacked.puts, 99), 2),
+        "attack_get_p50_ms": round(_pct(attacked.gets, 50), 2), "attack_get_p99_ms": round(_pct(attacked.gets, 99), 2),
+        "attack_slowest_ms": round(_pct(attacked.puts + attacked.gets, 100), 2),
+        "attack_connect_p99_ms": round(_pct(attacked.connects, 99), 2), "attack_failures": len(attacked.failures),
+        "first_failure": attacked.failures[0] if attacked.failures else None,
         "idle_rss_mib": round(idle_rss / MiB), "peak_rss_mib": round(peak / MiB), "rss_bound_mib": round(bound / MiB),
-        "p99_target_met": max(_pct(attacked[1], 99), _pct(attacked[2], 99)) < 50, "rss_target_met": peak < bound,
+        "p99_target_met": not attacked.failures and max(_pct(attacked.puts, 99), _pct(attacked.gets, 99)) < 50,
+        "rss_target_met": peak < bound,
         "hostile_connects": counts.get("connects", 0),
-        "server": {k: stats[k] for k in ("connections", "connections_total", "pending_dropped", "login_timeouts",
+        "server": {k: stats.get(k) for k in ("connections", "connections_total", "pending_dropped", "login_timeouts",
                                          "uploads_preempted", "uploads_refused", "timeouts", "errors")},
     }  # fmt: skip
-    report("hostile", ["phase", "put p50 (ms)", "put p99 (ms)", "get p50 (ms)", "get p99 (ms)"], rows, summary)
+    headers = ["phase", "put p50 (ms)", "put p99 (ms)", "get p50 (ms)", "get p99 (ms)", "new conn. p99 (ms)",
+               "failed rounds"]  # fmt: skip
+    summary = {k: None if isinstance(v, float) and v != v else v for k, v in summary.items()}  # NaN: no rounds
+    report("hostile", headers, rows, summary)
 
 
-def _plot(out: Path, quiet: Any, attacked: Any, rss: list[tuple[float, int]], settle: float) -> None:
+def _plot(out: Path, quiet: Rounds, attacked: Rounds, rss: list[tuple[float, int]], settle: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t0 = quiet[0][0]
+    t0 = quiet.starts[0]
     fig, (lat, mem) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    for name, (starts, puts, gets), color in (("quiet", quiet, "tab:blue"), ("under attack", attacked, "tab:red")):
-        xs = [s - t0 for s in starts]
-        lat.scatter(xs, [p * 1e3 for p in puts], s=6, color=color, label=f"put, {name}")
-        lat.scatter(xs, [g * 1e3 for g in gets], s=6, color=color, marker="x", label=f"get, {name}")
+    for name, r, color in (("quiet", quiet, "tab:blue"), ("under attack", attacked, "tab:red")):
+        xs = [s - t0 for s in r.starts]
+        lat.scatter(xs, [p * 1e3 for p in r.puts], s=6, color=color, label=f"put, {name}")
+        lat.scatter(xs, [g * 1e3 for g in r.gets], s=6, color=color, marker="x", label=f"get, {name}")
     lat.axhline(50, color="gray", linestyle="--", linewidth=1, label="p99 target")
     lat.set_ylabel("latency of a 5.9 MB chunk (ms)")
     lat.legend(fontsize=8, ncol=3)
     mem.plot([t - t0 for t, _ in rss], [r / MiB for _, r in rss], color="black", label="server RSS")
     mem.axhline((BUDGET + INFLIGHT + OVERHEAD) / MiB, color="gray", linestyle="--", linewidth=1, label="RSS bound")
-    mem.axvspan(attacked[0][0] - t0 - settle, attacked[0][-1] - t0, color="tab:red", alpha=0.08, label="attack")
+    if attacked.starts:
+        mem.axvspan(attacked.starts[0] - t0 - settle, attacked.starts[-1] - t0, color="tab:red", alpha=0.08,
+                    label="attack")  # fmt: skip
     mem.set_ylabel("MiB")
     mem.set_xlabel("seconds")
     mem.legend(fontsize=8)

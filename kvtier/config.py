@@ -73,12 +73,14 @@ class RemoteConfig:
     timeout_ms: int = _opt("int", 2000, "deadline of one remote get, put or delete, milliseconds")
     connect_timeout_ms: int = _opt("int", 500, "deadline to open a connection, milliseconds")
     max_connections: int = _opt("int", 8, "connections (or concurrent requests) to the remote")
+    max_object: int = _size(1 << 30, "largest object a get accepts; a larger one is a miss, never allocated")
     backoff_ms: int = _opt("int", 250, "pause after a failure before the remote is tried again, milliseconds")
     backoff_max_ms: int = _opt("int", 10_000, "the pause doubles per failure up to this, milliseconds")
 
     def __post_init__(self) -> None:
         parse_spec(self.codec, "remote.codec")
-        for name in ("lookup_timeout_ms", "timeout_ms", "connect_timeout_ms", "max_connections", "backoff_ms"):
+        names = ("lookup_timeout_ms", "timeout_ms", "connect_timeout_ms", "max_connections", "backoff_ms", "max_object")
+        for name in names:
             if getattr(self, name) < 1:
                 raise ConfigError(f"remote.{name}: {getattr(self, name)} must be at least 1")
         if self.backoff_max_ms < self.backoff_ms:

@@ -22,8 +22,8 @@ no upload holds memory for long.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
+import itertools
 import socket
 from collections import Counter
 from dataclasses import dataclass
@@ -143,8 +143,21 @@ class Connections:
                 del self._per_host[conn.host]
 
 
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    conn: Session
+    size: int
+    future: asyncio.Future[None]
+    order: int  # arrival, to break ties
+
+
 class InflightBytes:
-    """The reservation of request bodies in memory, shared fairly among client addresses."""
+    """The reservation of request bodies in memory, shared fairly among client addresses.
+
+    Room goes to waiting uploads in max-min order: first to the one whose address would hold the
+    least with it (ties: the earliest), and no upload overtakes a waiting one ahead of it in that
+    order, so small uploads from quiet addresses go first and large ones are never starved.
+    """
 
     def __init__(self, config: ServerConfig, stats: ServerStats) -> None:
         self.limit = config.max_inflight_bytes
@@ -153,55 +166,68 @@ class InflightBytes:
         self.used = 0
         self._held: dict[Session, int] = {}
         self._per_host: Counter[str] = Counter()
-        self._waiters: list[asyncio.Future[None]] = []
+        self._freeing: dict[Session, int] = {}  # preempted uploads whose room is on its way back
+        self._waiters: list[_Waiter] = []
+        self._order = itertools.count()
 
     async def acquire(self, conn: Session, size: int) -> None:
         """Reserve `size` bytes for `conn`'s body; ProtocolError(BUSY) if no room within `wait` s."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait
-        while self.used + size > self.limit:
-            self._preempt(conn.host, size)
-            left = deadline - loop.time()
-            if left <= 0:
-                self.stats.uploads_refused += 1
-                raise ProtocolError(
-                    ErrorCode.BUSY, f"{self.used} of {self.limit} bytes in flight; no room for {size} more"
-                )
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            with contextlib.suppress(TimeoutError):  # then the loop decides: room now, or BUSY
-                await asyncio.wait_for(waiter, left)
-        self.used += size
-        self._held[conn] = size
-        self._per_host[conn.host] += size
+        waiter = _Waiter(conn, size, asyncio.get_running_loop().create_future(), next(self._order))
+        self._waiters.append(waiter)
+        self._grant()
+        try:
+            if not waiter.future.done():
+                self._preempt(waiter)
+                await asyncio.wait({waiter.future}, timeout=self.wait)
+        finally:
+            if not waiter.future.done():  # timed out, or the connection was cancelled meanwhile
+                self._waiters.remove(waiter)
+                waiter.future.cancel()
+        if waiter.future.cancelled():
+            self.stats.uploads_refused += 1
+            raise ProtocolError(ErrorCode.BUSY, f"{self.used} of {self.limit} bytes in flight; no room for {size} more")
 
     def release(self, conn: Session) -> None:
-        """Give back `conn`'s reservation (idempotent) and wake the uploads waiting for room."""
+        """Give back `conn`'s reservation (idempotent) and hand the room to waiting uploads."""
         size = self._held.pop(conn, 0)
+        self._freeing.pop(conn, None)
         if not size:
             return
         self.used -= size
         self._per_host[conn.host] -= size
         if not self._per_host[conn.host]:
             del self._per_host[conn.host]
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._grant()
 
-    def _preempt(self, host: str, size: int) -> None:
-        """Cancel the largest upload being received by the address holding the most, if it holds more
-        than `host` would with `size` more."""
-        if not self._per_host:
-            return
-        top, most = self._per_host.most_common(1)[0]
-        if top == host or most <= self._per_host[host] + size:
-            return
-        receiving = [(n, c) for c, n in self._held.items() if c.host == top and c.phase is Phase.RECEIVING]
-        if not receiving:
-            return
-        _, victim = max(receiving, key=lambda item: item[0])
-        if not victim.closing:
+    def _grant(self) -> None:
+        """Reserve room for waiting uploads in max-min order, stopping at the first that does not fit."""
+        self._waiters.sort(key=lambda w: (self._per_host[w.conn.host] + w.size, w.order))
+        while self._waiters and self.used + self._waiters[0].size <= self.limit:
+            waiter = self._waiters.pop(0)
+            self.used += waiter.size
+            self._held[waiter.conn] = waiter.size
+            self._per_host[waiter.conn.host] += waiter.size
+            waiter.future.set_result(None)
+
+    def _preempt(self, waiter: _Waiter) -> None:
+        """Cut uploads still being received by the address holding the most, largest first, while it
+        holds more than the waiter's address would with the waiter, until the waiter's room is coming."""
+        need = waiter.size - (self.limit - self.used) - sum(self._freeing.values())
+        mine = self._per_host[waiter.conn.host] + waiter.size
+        while need > 0:
+            holding = Counter(self._per_host)
+            for conn, size in self._freeing.items():
+                holding[conn.host] -= size
+            top, most = holding.most_common(1)[0] if holding else ("", 0)
+            if top == waiter.conn.host or most <= mine:
+                return
+            receiving = [(n, c) for c, n in self._held.items()
+                         if c.host == top and c.phase is Phase.RECEIVING and c not in self._freeing]  # fmt: skip
+            if not receiving:
+                return
+            size, victim = max(receiving, key=lambda item: item[0])
+            self._freeing[victim] = size
+            need -= size
             self.stats.uploads_preempted += 1
             victim.cancel(ErrorCode.BUSY)
 

@@ -22,7 +22,11 @@ if TYPE_CHECKING:
 
 
 def open_store(
-    url: str, connect_timeout: float = 0.5, max_connections: int = 8, tls: ClientTLS | None = None
+    url: str,
+    connect_timeout: float = 0.5,
+    max_connections: int = 8,
+    tls: ClientTLS | None = None,
+    max_object: int = 1 << 30,
 ) -> ObjectStore:
     """The ObjectStore of the backend that `url`'s scheme selects (`tls`: how kvtiers:// checks its server)."""
     from kvtier.storage.remote.store import StoreFactory, StoreOptions
@@ -36,7 +40,7 @@ def open_store(
             f"remote.url: the {parts.scheme}:// backend needs a package that is not installed ({exc.name}); "
             "install kvtier[remote]"
         ) from exc
-    return factory(parts, StoreOptions(connect_timeout, max_connections, tls=tls or ClientTLS()))
+    return factory(parts, StoreOptions(connect_timeout, max_connections, max_object, tls or ClientTLS()))
 
 
 def open_remote(
@@ -47,5 +51,5 @@ def open_remote(
 
     if not config.url:
         raise ConfigError("remote.url is not set")
-    store = open_store(config.url, config.connect_timeout_ms / 1e3, config.max_connections, tls)
+    store = open_store(config.url, config.connect_timeout_ms / 1e3, config.max_connections, tls, config.max_object)
     return RemoteTier(store, layout, codec, RemoteOptions.from_config(config), engine_codec=engine_codec)
