@@ -44,6 +44,7 @@ def server_context(cert: str, key: str | None = None, option: str = "tls.cert") 
     """An SSLContext for a server presenting `cert` (PEM chain) with `key` (PEM; None: in `cert`)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # a client must not make the server redo handshakes at will
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:

@@ -1,17 +1,21 @@
 """Who gets a connection, and how much request memory each may hold: the server's admission control.
 
 Connections. A new connection is *pending* until it logs in: a successful HELLO, or, on a server
-without a token, its first frame. Pending connections live in their own small pool beside the main
-limit (`max_pending`), at most `max_pending_per_address` from one client address, and each has
-`login_timeout` seconds to log in. When the pool or an address's share is full, the oldest pending
-connection is closed to make room, so sockets that never speak cannot lock anyone out: a client that
-logs in at once always gets through. A connection that logs in joins the main pool
+without a token, its first frame (at most LOGIN_META bytes of metadata before that). Pending
+connections live in their own small pool beside the main limit (`max_pending`), at most
+`max_pending_per_address` from one client address (IPv6: one /64), and each has `login_timeout`
+seconds to log in. When an address's share is full its own oldest pending connection is closed;
+when the pool is full, the oldest of the address holding the most. Sockets that never speak thus
+cannot lock anyone out: a client from an address with few pending connections that logs in
+promptly gets through. A connection that logs in joins the main pool
 (`max_connections`); when that is full, an idle connection of the address holding the most
 connections makes room for an address holding fewer, so no address can crowd out the others.
 
-Bytes in flight. A request body is received into memory, where it stays until the request is
-handled (a PUT's body becomes the stored object). Bodies being received or handled together hold at
-most `max_inflight_bytes`, reserved by their declared size before the first byte is received. An
+Bytes in flight. A request's metadata and body are received into memory, where they stay until the
+request is handled (a PUT's body becomes the stored object). Frames larger than UNRESERVED bytes
+being received or handled together hold at most `max_inflight_bytes`, reserved by their declared
+size before the first byte after the header is received; smaller ones are part of the fixed
+overhead (UNRESERVED per connection). An
 upload that does not fit waits up to `inflight_wait` seconds, then gets BUSY. While it waits, the
 address holding the most bytes in flight, if it holds more than the waiter's address would with the
 new upload, loses its largest upload still being received (BUSY, connection closed): a few clients
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import itertools
 import socket
 from collections import Counter
@@ -49,7 +54,7 @@ class Session:
     """One client connection, as the server sees it, and where it is in its current request."""
 
     stream: Stream
-    host: str  # the client's address, without its port (per-address limits)
+    host: str  # the client's address group (IPv4 address, IPv6 /64): per-address limits apply to it
     peer: str  # host:port, for logs
     login_deadline: float  # loop time by which it must log in
     authenticated: bool = False  # sent the right token (or the server has none)
@@ -70,11 +75,25 @@ class Session:
             self.task.cancel()
 
 
+LOGIN_META = 4096  # bytes of metadata a connection may send before it logged in (a HELLO: token, name)
+UNRESERVED = 64 * 1024  # frames up to this (metadata + body) are not reserved in flight: per connection
+
+
 def host_of(addr: object) -> tuple[str, str]:
-    """(host, "host:port") of an accepted socket's address."""
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return str(addr[0]), f"{addr[0]}:{addr[1]}"
-    return str(addr), str(addr)
+    """(address group, "host:port") of an accepted socket's address. Per-address limits apply to the
+    group: an IPv4 address, or an IPv6 /64 (what one host or site typically holds)."""
+    if not (isinstance(addr, tuple) and len(addr) >= 2):
+        return str(addr), str(addr)
+    host, peer = str(addr[0]), f"{addr[0]}:{addr[1]}"
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host, peer
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped), peer
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False)), peer
+    return str(ip), peer
 
 
 class Connections:
@@ -84,6 +103,7 @@ class Connections:
         self.config = config
         self.stats = stats
         self.pending: dict[Session, None] = {}  # insertion order: oldest first
+        self._pending_per_host: Counter[str] = Counter()
         self.main: set[Session] = set()
         self._per_host: Counter[str] = Counter()  # main-pool connections per address
 
@@ -94,27 +114,36 @@ class Connections:
         return [*self.pending, *self.main]
 
     def add_pending(self, conn: Session) -> None:
-        """Take a new connection in, closing the oldest pending one of its address or of all if full."""
-        same = [c for c in self.pending if c.host == conn.host]
-        if len(same) >= self.config.max_pending_per_address:
-            self._drop(same[0])
+        """Take a new connection in. If its address has its share of the pending pool, its own oldest
+        pending connection is closed; if the pool is full, the oldest of the address holding most."""
+        if self._pending_per_host[conn.host] >= self.config.max_pending_per_address:
+            self._drop_oldest(conn.host)
         elif len(self.pending) >= self.config.max_pending:
-            self._drop(next(iter(self.pending)))
+            self._drop_oldest(self._pending_per_host.most_common(1)[0][0])
         self.pending[conn] = None
+        self._pending_per_host[conn.host] += 1
 
-    def _drop(self, conn: Session) -> None:
-        del self.pending[conn]
+    def _drop_oldest(self, host: str) -> None:
+        victim = next(c for c in self.pending if c.host == host)
+        self._forget_pending(victim)
         self.stats.pending_dropped += 1
-        conn.cancel(None)
+        victim.cancel(None)
+
+    def _forget_pending(self, conn: Session) -> None:
+        if self.pending.pop(conn, False) is None:  # it was there
+            self._pending_per_host[conn.host] -= 1
+            if not self._pending_per_host[conn.host]:
+                del self._pending_per_host[conn.host]
 
     def admit(self, conn: Session) -> bool:
-        """Move a connection that just logged in to the main pool; False if it must get BUSY."""
-        self.pending.pop(conn, None)
+        """Move a connection that just logged in to the main pool; False if it must get BUSY (it then
+        stays pending, tracked, until it is closed)."""
         if conn.admitted:
             return True
         if len(self.main) >= self.config.max_connections and not self._make_room(conn.host):
             self.stats.connections_refused += 1
             return False
+        self._forget_pending(conn)
         conn.admitted = True
         self.main.add(conn)
         self._per_host[conn.host] += 1
@@ -135,7 +164,7 @@ class Connections:
 
     def remove(self, conn: Session) -> None:
         """Forget a connection (idempotent)."""
-        self.pending.pop(conn, None)
+        self._forget_pending(conn)
         if conn in self.main:
             self.main.discard(conn)
             self._per_host[conn.host] -= 1
@@ -156,7 +185,8 @@ class InflightBytes:
 
     Room goes to waiting uploads in max-min order: first to the one whose address would hold the
     least with it (ties: the earliest), and no upload overtakes a waiting one ahead of it in that
-    order, so small uploads from quiet addresses go first and large ones are never starved.
+    order. Small uploads from quiet addresses go first; a large upload from a busy address may see
+    BUSY after `inflight_wait` while smaller ones keep arriving.
     """
 
     def __init__(self, config: ServerConfig, stats: ServerStats) -> None:

@@ -40,6 +40,7 @@ from kvtier.server.protocol import (
 )
 
 _REQUEST_IDS = 2**32
+_MAX_REPLY_META = 16 << 20  # bytes: a reply's metadata (a GET of 4,096 keys needs ~40 KiB)
 _WAITALL_MIN = 64 * 1024  # bodies at least this large are received with MSG_WAITALL
 _WAITALL_SLICE = 0.25  # seconds one such receive may block
 _TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
@@ -116,7 +117,7 @@ class Connection:
         header = unpack_header(head)
         if header.request_id not in (request_id, 0):  # 0: the server could not tell which request failed
             raise ProtocolError(ErrorCode.BAD_FRAME, f"reply to request {header.request_id}, expected {request_id}")
-        if header.meta_len > max(self.limits.max_meta, 1 << 20):
+        if header.meta_len > _MAX_REPLY_META:  # whatever limits the server announced
             raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"reply metadata of {header.meta_len} bytes")
         reply_meta = bytearray(header.meta_len)
         self.recv_into(memoryview(reply_meta), deadline)
@@ -192,7 +193,9 @@ class Connection:
         if self.tls:  # no MSG_PEEK: anything readable (bytes, a close) means it is not
             assert isinstance(self.sock, ssl.SSLSocket)
             try:
-                return not self.sock.pending() and not select.select([self.sock], [], [], 0)[0]
+                poller = select.poll()  # not select(): file descriptors above 1024 are common in engines
+                poller.register(self.sock, select.POLLIN)
+                return not self.sock.pending() and not poller.poll(0)
             except (OSError, ValueError):
                 return False
         try:

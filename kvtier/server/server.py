@@ -24,7 +24,16 @@ import numpy as np
 
 from kvtier.auth import check_bind
 from kvtier.logutil import BurstLog
-from kvtier.server.admission import Connections, InflightBytes, Phase, Session, configure_socket, host_of
+from kvtier.server.admission import (
+    LOGIN_META,
+    UNRESERVED,
+    Connections,
+    InflightBytes,
+    Phase,
+    Session,
+    configure_socket,
+    host_of,
+)
 from kvtier.server.config import ServerConfig
 from kvtier.server.handlers import Frame, Handlers, Reply, ServerStats
 from kvtier.server.protocol import (
@@ -127,9 +136,14 @@ class KVServer:
                 self._burst.warning("accept", "accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            configure_socket(sock, self.config.socket_buffer)
-            host, peer = host_of(addr)
-            stream = Stream(sock) if self._tls is None else TLSStream(sock, self._tls)
+            try:
+                configure_socket(sock, self.config.socket_buffer)
+                host, peer = host_of(addr)
+                stream = Stream(sock) if self._tls is None else TLSStream(sock, self._tls)
+            except (OSError, ValueError) as exc:  # e.g. reset before we set it up: this one only
+                self._burst.warning("setup", "%s: cannot set up the connection: %s", addr, exc)
+                sock.close()
+                continue
             now = loop.time()
             conn = Session(stream, host, peer, now + self.config.login_timeout, not self.config.token)
             conn.enter(Phase.RECEIVING if self._tls else Phase.IDLE, conn.login_deadline)
@@ -224,20 +238,23 @@ class KVServer:
         if conn.authenticated and not self._conns.admit(conn):  # no token: the first frame logs in
             raise ProtocolError(ErrorCode.BUSY, "too many connections")
         self.stats.requests += 1
-        meta = bytearray(header.meta_len)
-        conn.enter(Phase.RECEIVING, self._rate_deadline(len(meta)))
-        await _recv_exactly(conn, memoryview(meta), HEADER_SIZE, HEADER_SIZE + len(meta))
-        if not header.body_len:
-            return await self._handle(conn, Frame(header, meta, memoryview(b"")))
-        conn.enter(Phase.HANDLING, float("inf"))  # waiting for room in flight is not the client's fault
-        await self._inflight.acquire(conn, header.body_len)
+        size = header.meta_len + header.body_len
+        reserved = size > UNRESERVED  # small frames ride in the fixed overhead (UNRESERVED per connection)
+        if reserved:
+            conn.enter(Phase.HANDLING, float("inf"))  # waiting for room in flight is not the client's fault
+            await self._inflight.acquire(conn, size)
         try:
-            conn.enter(Phase.RECEIVING, self._rate_deadline(header.body_len))
-            body = np.empty(header.body_len, dtype=np.uint8).data  # not zero-filled: recv writes it once
-            await _recv_exactly(conn, body, 0, len(body))
+            conn.enter(Phase.RECEIVING, self._rate_deadline(size))
+            meta = bytearray(header.meta_len)
+            await _recv_exactly(conn, memoryview(meta), HEADER_SIZE, HEADER_SIZE + size)
+            body = memoryview(b"")
+            if header.body_len:
+                body = np.empty(header.body_len, dtype=np.uint8).data  # not zero-filled: recv writes it once
+                await _recv_exactly(conn, body, HEADER_SIZE + len(meta), HEADER_SIZE + size)
             return await self._handle(conn, Frame(header, meta, body))
         finally:
-            self._inflight.release(conn)
+            if reserved:
+                self._inflight.release(conn)
 
     async def _handle(self, conn: Session, frame: Frame) -> Reply:
         conn.enter(Phase.HANDLING, float("inf"))
@@ -259,6 +276,8 @@ class KVServer:
         """Refuse a frame before reading its metadata and body: too large, or not allowed yet."""
         if not conn.authenticated and (header.op != Op.HELLO or header.body_len):
             raise ProtocolError(ErrorCode.AUTH_REQUIRED, "this server needs a token: send HELLO first")
+        if not conn.admitted and header.meta_len > LOGIN_META:  # before login, only a HELLO's token and name
+            raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"a first frame has at most {LOGIN_META} bytes of metadata")
         c, meta_len, body_len = self.config, header.meta_len, header.body_len
         if meta_len > c.max_meta:
             raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"metadata of {meta_len} bytes; the limit is {c.max_meta}")

@@ -13,7 +13,8 @@ import contextlib
 import socket
 import ssl
 
-_TLS_READ = 256 * 1024  # ciphertext bytes taken from the socket at once
+_TLS_READ = 256 * 1024  # most ciphertext bytes taken from the socket at once
+_TLS_RECORD = 17 * 1024  # a TLS record's ciphertext at most (16 KiB of data + overhead)
 _TLS_WRITE = 256 * 1024  # plaintext bytes encrypted and sent at once (bounds the outgoing BIO)
 
 
@@ -58,7 +59,7 @@ class TLSStream(Stream):
                 break
             except ssl.SSLWantReadError:
                 await self._flush()
-                if not await self._fill():
+                if not await self._fill(_TLS_RECORD):
                     raise ConnectionError("the client closed the connection during the TLS handshake") from None
         await self._flush()
 
@@ -69,7 +70,7 @@ class TLSStream(Stream):
                 return n
             except ssl.SSLWantReadError:
                 await self._flush()  # e.g. a key update to answer
-                if not await self._fill():
+                if not await self._fill(min(_TLS_READ, len(view) + _TLS_RECORD)):  # no more than asked for
                     return 0
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return 0
@@ -85,8 +86,8 @@ class TLSStream(Stream):
             self._tls.write(data)
             self.sock.send(self._outgoing.read())
 
-    async def _fill(self) -> bool:
-        data = await asyncio.get_running_loop().sock_recv(self.sock, _TLS_READ)
+    async def _fill(self, size: int) -> bool:
+        data = await asyncio.get_running_loop().sock_recv(self.sock, size)
         if not data:
             self._incoming.write_eof()
             return False

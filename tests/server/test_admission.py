@@ -172,3 +172,35 @@ def test_a_frame_slower_than_the_rate_floor_is_cut(start_server, make_client):
             continue
     assert code == ErrorCode.TIMEOUT and 1.2 < time.monotonic() - began < 2.0
     served_quickly(make_client(server, token=TOKEN))
+
+
+def test_a_full_pending_pool_drops_the_oldest_of_the_address_holding_most(start_server):
+    server = start_server(token=TOKEN, max_pending=8, max_pending_per_address=8, login_timeout=60.0)
+    crowd = [RawClient(server.address, source=source(0)) for _ in range(8)]
+    time.sleep(0.05)
+    newcomer = RawClient(server.address, source=source(1))  # the pool is full: the crowd pays
+    time.sleep(0.05)
+    second = RawClient(server.address, source=source(1))
+    time.sleep(0.1)
+    assert [still_open(raw) for raw in crowd] == [False, False] + [True] * 6
+    assert still_open(newcomer) and still_open(second)
+
+
+def test_a_first_frame_cannot_carry_large_metadata(start_server):
+    server = start_server(token=TOKEN)
+    raw = RawClient(server.address, source=source(0))
+    raw.send(pack_header(Op.HELLO, 1, 4097, 0))  # 4 KiB + 1 of metadata announced before login
+    assert error_code(raw.reply()) == ErrorCode.FRAME_TOO_LARGE and raw.closed()
+
+
+def test_large_metadata_is_reserved_in_flight_like_a_body(start_server):
+    server = start_server(token=TOKEN, max_frame=2 << 20, max_meta=1 << 20, max_inflight_bytes=3 << 20,
+                          inflight_wait=0.3)  # fmt: skip
+    first = logged_in(server, 0)
+    first.send(pack_header(Op.EXISTS, 1, 1 << 20, (1 << 20) - 64) + bytes(1 << 19))  # 2 MiB announced, 0.5 MiB sent
+    time.sleep(0.05)
+    second = logged_in(server, 0)
+    second.send(pack_header(Op.EXISTS, 1, 1 << 20, (1 << 20) - 64))  # 2 MiB more do not fit in 3 MiB
+    assert error_code(second.reply()) == ErrorCode.BUSY
+    assert server.server.stats.uploads_refused == 1
+    first.close()
