@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 
 from kvtier import CacheEngine, Config, Node
+from kvtier.errors import ConfigError
 from kvtier.node import rank_instance_id, rank_port
 from tests.cluster.procs import free_port
 from tests.conftest import SMALL, random_kv
@@ -140,3 +141,15 @@ def test_python_dash_m_kvtier_is_the_kvtier_command():
     done = subprocess.run([sys.executable, "-m", "kvtier", "--version"], capture_output=True, text=True, timeout=60,
                           check=True)  # fmt: skip
     assert done.stdout.startswith("kvtier ")
+
+
+def test_a_p2p_port_beyond_loopback_needs_a_token(monkeypatch):
+    monkeypatch.delenv("KVTIER_SERVER_TOKEN", raising=False)
+    cluster = {"advertise": f"0.0.0.0:{free_port()}", "controller_url": f"http://127.0.0.1:{free_port()}",
+               "instance_id": "a"}  # fmt: skip  # peers serve in a cluster (nobody answers there: no matter)
+    config = Config.from_dict({"chunk_size": 4, "cluster": cluster})
+    with pytest.raises(ConfigError, match=r"P2P port: binding '0.0.0.0'.*\$KVTIER_SERVER_TOKEN"):
+        Node(config, SMALL, "m")
+    monkeypatch.setenv("KVTIER_SERVER_TOKEN", "s3cret")
+    with Node(config, SMALL, "m") as node:
+        assert node.peer_server is not None and node.peer_server.address[0] == "0.0.0.0"
