@@ -200,9 +200,16 @@ class AdminServer:
     """The admin API served by uvicorn on a daemon thread (HTTPS with a certificate)."""
 
     def __init__(
-        self, node: "Node", host: str, port: int, tls_cert: str | None = None, tls_key: str | None = None
+        self,
+        node: "Node",
+        host: str,
+        port: int,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        advertise: str = "",
     ) -> None:
-        """ConfigError if `host` is beyond loopback without $KVTIER_ADMIN_TOKEN, or the certificate
+        """Serve on host:port; `url` names `advertise` instead of `host` when given (admin.advertise).
+        ConfigError if `host` is beyond loopback without $KVTIER_ADMIN_TOKEN, or the certificate
         cannot be loaded; OSError if the port cannot be bound."""
         import uvicorn
 
@@ -217,7 +224,8 @@ class AdminServer:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                 ssl_certfile=tls_cert, ssl_keyfile=tls_key)  # fmt: skip
         self.server = uvicorn.Server(config)
-        self.url = f"{'https' if tls_cert else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+        shown = advertise or host  # what the controller is told (a wildcard bind is no address to reach)
+        self.url = f"{'https' if tls_cert else 'http'}://{f'[{shown}]' if ':' in shown else shown}:{port}"
         self._thread = threading.Thread(target=self._serve, name="kvtier-admin", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10

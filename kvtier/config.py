@@ -132,10 +132,13 @@ class AdminConfig:
 
     port: int = _opt("int", 0, "TCP port of the admin API; 0 = off (convention: 9100 + rank)")
     host: str = _opt("str", "127.0.0.1", "interface the admin API binds; loopback unless told otherwise")
+    advertise: str = _opt("str", "", "host the controller reaches the admin API at; empty = admin.host")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"admin.port: {self.port} is not in [0, 65535]")
+        if any(c in self.advertise for c in "/@?# ") or self.advertise.count(":") == 1:
+            raise ConfigError(f"admin.advertise: {self.advertise!r} is not a host name or address (no scheme or port)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from kvtier.layout import KVLayout
 from kvtier.units import format_size
 
 log = logging.getLogger("kvtier.node")
+WILDCARDS = ("0.0.0.0", "::", "[::]", "")  # bind addresses that name no host
 
 
 def engine_config(config: Config) -> Config:
@@ -89,7 +90,11 @@ class Node:
                 from kvtier.api import AdminServer
 
                 admin, tls = self.config.admin, self.config.tls
-                self.admin = AdminServer(self, admin.host, rank_port(admin.port, self.rank), tls.cert, tls.key)
+                port = rank_port(admin.port, self.rank)
+                self.admin = AdminServer(self, admin.host, port, tls.cert, tls.key, admin.advertise)
+                if cluster.controller_url is not None and admin.host in WILDCARDS and not admin.advertise:
+                    log.warning("admin.host %s is no address the controller can reach from another machine: "
+                                "set admin.advertise", admin.host)  # fmt: skip
             if cluster.controller_url is not None:
                 self.agent = self._join_cluster(cluster)
         except BaseException:
