@@ -107,9 +107,6 @@ class Connections:
         self.main: set[Session] = set()
         self._per_host: Counter[str] = Counter()  # main-pool connections per address
 
-    def __len__(self) -> int:
-        return len(self.pending) + len(self.main)
-
     def all(self) -> list[Session]:
         return [*self.pending, *self.main]
 
@@ -131,9 +128,7 @@ class Connections:
 
     def _forget_pending(self, conn: Session) -> None:
         if self.pending.pop(conn, False) is None:  # it was there
-            self._pending_per_host[conn.host] -= 1
-            if not self._pending_per_host[conn.host]:
-                del self._pending_per_host[conn.host]
+            _discount(self._pending_per_host, conn.host, 1)
 
     def admit(self, conn: Session) -> bool:
         """Move a connection that just logged in to the main pool; False if it must get BUSY (it then
@@ -167,9 +162,7 @@ class Connections:
         self._forget_pending(conn)
         if conn in self.main:
             self.main.discard(conn)
-            self._per_host[conn.host] -= 1
-            if not self._per_host[conn.host]:
-                del self._per_host[conn.host]
+            _discount(self._per_host, conn.host, 1)
 
 
 @dataclass(eq=False, slots=True)
@@ -224,9 +217,7 @@ class InflightBytes:
         if not size:
             return
         self.used -= size
-        self._per_host[conn.host] -= size
-        if not self._per_host[conn.host]:
-            del self._per_host[conn.host]
+        _discount(self._per_host, conn.host, size)
         self._grant()
 
     def _grant(self) -> None:
@@ -244,10 +235,10 @@ class InflightBytes:
         holds more than the waiter's address would with the waiter, until the waiter's room is coming."""
         need = waiter.size - (self.limit - self.used) - sum(self._freeing.values())
         mine = self._per_host[waiter.conn.host] + waiter.size
+        holding = Counter(self._per_host)  # what each address holds once the room on its way is back
+        for conn, size in self._freeing.items():
+            holding[conn.host] -= size
         while need > 0:
-            holding = Counter(self._per_host)
-            for conn, size in self._freeing.items():
-                holding[conn.host] -= size
             top, most = holding.most_common(1)[0] if holding else ("", 0)
             if top == waiter.conn.host or most <= mine:
                 return
@@ -257,9 +248,17 @@ class InflightBytes:
                 return
             size, victim = max(receiving, key=lambda item: item[0])
             self._freeing[victim] = size
+            holding[top] -= size
             need -= size
             self.stats.uploads_preempted += 1
             victim.cancel(ErrorCode.BUSY)
+
+
+def _discount(counter: Counter[str], key: str, n: int) -> None:
+    """Take `n` off `key`'s count, forgetting the key at zero (most_common then lists only holders)."""
+    counter[key] -= n
+    if not counter[key]:
+        del counter[key]
 
 
 def configure_socket(sock: socket.socket, buffer: int) -> None:
