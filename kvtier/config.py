@@ -16,6 +16,7 @@ from typing import Any
 from kvtier import config_load
 from kvtier.codec.spec import parse_spec
 from kvtier.errors import ConfigError, closest
+from kvtier.tls import ClientTLS
 from kvtier.units import GiB
 from kvtier.urls import parse_url
 
@@ -154,6 +155,10 @@ class TLSConfig:
     def __post_init__(self) -> None:
         if self.key and not self.cert:
             raise ConfigError("tls.key: given without tls.cert")
+
+    def client(self) -> ClientTLS:
+        """How this instance checks the servers it connects to."""
+        return ClientTLS(self.ca, self.verify)
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,7 +137,6 @@ class Node:
         """Report the engine's L1 and disk chunks to the controller."""
         from kvtier.cluster.agent import ClusterAgent
         from kvtier.cluster.state import Registration
-        from kvtier.tls import ClientTLS
 
         address = ""
         if self.peer_server is not None:  # the advertised host, the bound port (it may have been 0)
@@ -149,7 +148,7 @@ class Node:
             heartbeat_s=cluster.heartbeat_ms / 1000, address=address,
             admin_url="" if self.admin is None else self.admin.url,
         )  # fmt: skip
-        tls = ClientTLS(self.config.tls.ca, self.config.tls.verify)  # checks an https:// controller
+        tls = self.config.tls.client()  # checks an https:// controller
         return ClusterAgent(replace(cluster, instance_id=self.instance_id), reg, self.engine.local_tiers(),
                             self.heartbeat_stats, tls)  # fmt: skip
 

@@ -43,7 +43,6 @@ from kvtier.storage.cpu import CPUTier
 from kvtier.storage.filetier import FileTier
 from kvtier.storage.remote.breaker import Breaker
 from kvtier.storage.remote.store import Buffer, MemberDown, StoreOptions
-from kvtier.tls import ClientTLS, client_context
 from kvtier.units import MiB
 
 log = logging.getLogger("kvtier.cluster.peer")
@@ -231,7 +230,7 @@ def peer_tls(tls: TLSConfig) -> ssl.SSLContext | None:
     `tls.verify`); one without it speaks plain TCP to peers. So give every instance of a cluster a
     `tls.cert`, or none of them.
     """
-    return client_context(tls.ca, tls.verify) if tls.cert else None
+    return tls.client().context() if tls.cert else None
 
 
 def serve_peers(engine: Any, host: str, port: int, tls: TLSConfig | None = None) -> Any:
@@ -266,7 +265,7 @@ def add_peer_tier(engine: Any, cfg: ClusterConfig, tls: TLSConfig | None = None)
         raise ConfigError("cluster.peer_fetch: needs a controller_url (the controller says which peer has what)")
     tls = tls or TLSConfig()
     controller = ControllerClient(cfg.controller_url, os.environ.get(CONTROLLER_TOKEN_ENV, ""),
-                                  ClientTLS(tls.ca, tls.verify))  # fmt: skip
+                                  tls.client())  # fmt: skip
     options = RemoteOptions(lookup_timeout=cfg.peer_lookup_timeout_ms / 1e3, timeout=cfg.peer_timeout_ms / 1e3)
     store = PeerStore(controller, cfg.instance_id, backoff=(options.backoff, options.backoff_max),
                       tls=peer_tls(tls))  # fmt: skip

@@ -12,7 +12,6 @@ from kvtier.storage.base import Tier
 from kvtier.storage.chain import TierChain
 from kvtier.storage.cpu import CPUTier
 from kvtier.storage.disk import DiskTier
-from kvtier.tls import ClientTLS
 from kvtier.units import format_size
 
 log = logging.getLogger("kvtier.engine")
@@ -35,8 +34,9 @@ def build_chain(config: Config, layout: KVLayout) -> TierChain:
         from kvtier.storage.remote import open_remote
 
         codec = get_codec(config.remote.codec)
-        tls = ClientTLS(config.tls.ca, config.tls.verify)
-        remote = open_remote(config.remote, layout, codec, engine_codec=canonical(config.codec), tls=tls)
+        remote = open_remote(
+            config.remote, layout, codec, engine_codec=canonical(config.codec), tls=config.tls.client()
+        )
         lower.append(remote)
         log.info("remote tier: %s (codec %s)", remote.store.where, codec.spec)
     return TierChain(l1, lower, config.write_queue)
