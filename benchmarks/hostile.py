@@ -47,6 +47,7 @@ from kvtier.server.client import KVTierClient
 from kvtier.server.protocol import Op, pack_header
 from kvtier.storage.remote.store import StoreOptions
 from kvtier.units import MiB
+from tests.server.conftest import proc_status
 
 LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16)  # 5.9 MB per 256 tokens
 TOKEN = "bench-token"
@@ -160,13 +161,6 @@ def rounds(client: KVTierClient, n: int, seed: int) -> Rounds:
     return out
 
 
-def status(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def start(cmd: list[str], marker: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
@@ -205,13 +199,13 @@ def main() -> None:
 
     def sample() -> None:
         while not sampling.wait(0.2):
-            rss.append((time.perf_counter(), status(server.pid, "VmRSS")))
+            rss.append((time.perf_counter(), proc_status(server.pid, "VmRSS")))
 
     threading.Thread(target=sample, daemon=True).start()
     attacker = None
     client = KVTierClient("127.0.0.1", port, TOKEN, StoreOptions(connect_timeout=5.0, max_connections=2))
     try:
-        idle_rss = status(server.pid, "VmRSS")
+        idle_rss = proc_status(server.pid, "VmRSS")
         rounds(client, 10, seed=1)  # warm up
         quiet = rounds(client, args.rounds, seed=2)
         attacker = start([sys.executable, "-m", "benchmarks.hostile", "--attack", str(port), "--sockets",
@@ -223,7 +217,7 @@ def main() -> None:
         except Exception as exc:  # locked out
             print(f"no STATS from the server under attack: {exc}")
             stats = {}
-        peak = status(server.pid, "VmHWM")
+        peak = proc_status(server.pid, "VmHWM")
     finally:
         sampling.set()
         client.close()

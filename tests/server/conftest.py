@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import ClassVar
 
 import msgspec
@@ -97,6 +98,14 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def proc_status(pid: int, field: str) -> int:
+    """A /proc/<pid>/status memory field (VmRSS, VmHWM) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
 
 
 def error_code(reply: tuple[int, int, dict, bytes] | None) -> int | None:

@@ -10,25 +10,16 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from kvtier.units import MiB
 from tests.conftest import key
-from tests.server.conftest import object_for
+from tests.server.conftest import object_for, proc_status
 from tests.server.test_admission import HELLO, TOKEN, put_prefix, source
 
 BUDGET, INFLIGHT, OVERHEAD = 64 * MiB, 128 * MiB, 300 * MiB  # overhead: the issue's target (idle: ~235 MB)
 UPLOAD = 60 * MiB
-
-
-def status(pid: int, field: str) -> int:
-    """A /proc/<pid>/status memory field (VmRSS, VmHWM) in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 @pytest.fixture
@@ -68,7 +59,7 @@ def stall_after_most_of_an_upload(address, i: int, sockets: list[socket.socket])
 
 def test_an_in_flight_flood_stays_within_budget_plus_the_in_flight_bound(server_process, make_client):
     proc, address = server_process
-    idle_rss = status(proc.pid, "VmRSS")
+    idle_rss = proc_status(proc.pid, "VmRSS")
     sockets: list[socket.socket] = []
     threads = [threading.Thread(target=stall_after_most_of_an_upload, args=(address, i, sockets)) for i in range(16)]
     for t in threads:
@@ -82,7 +73,7 @@ def test_an_in_flight_flood_stays_within_budget_plus_the_in_flight_bound(server_
     client.put(k, [obj], 10.0)
     assert bytes(client.get([k], 10.0)[0]) == obj
     elapsed = time.monotonic() - began
-    peak = status(proc.pid, "VmHWM")
+    peak = proc_status(proc.pid, "VmHWM")
     print(f"idle RSS {idle_rss / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB, store+load of 5.9 MB {elapsed * 1e3:.0f} ms")
     for sock in sockets:
         sock.close()
